@@ -1,0 +1,37 @@
+"""Small, private probes of torch.func's transform stack.
+
+torch exposes no public way to ask "am I running under vmap?"; these helpers wrap the
+(stable since torch 2.0) private functorch interpreter stack in one place so that a
+change in torch touches one file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # torch >= 2.1
+    from torch._C._functorch import TransformType, is_functorch_wrapped_tensor
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    def under_vmap() -> bool:
+        """True when the caller runs inside ``torch.func.vmap`` (so Python control flow on values is impossible)."""
+        return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+    def under_functorch() -> bool:
+        """True when any torch.func transform (grad, vjp, jvp, vmap, ...) is active."""
+        return len(retrieve_all_functorch_interpreters()) > 0
+
+    def is_wrapped(t: torch.Tensor) -> bool:
+        """True for a tensor wrapped by a torch.func transform (batched, grad-tracking or dual)."""
+        return bool(is_functorch_wrapped_tensor(t))
+
+except ImportError:  # pragma: no cover - very old torch
+
+    def under_vmap() -> bool:
+        return False
+
+    def under_functorch() -> bool:
+        return False
+
+    def is_wrapped(t: torch.Tensor) -> bool:
+        return False

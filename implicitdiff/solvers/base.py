@@ -1,0 +1,228 @@
+"""The abstract linear solver and the flat problem it is handed.
+
+Every solver in implicitdiff solves ``(A + damping * I) x = b`` for a linear operator ``A``
+known only through matrix-vector products. Solvers see *flat* 1-D vectors: pytrees are
+raveled by :func:`implicitdiff.linear_solve` before and unraveled after, and the right-hand
+side is scaled to unit max-norm first so that tiny cotangents (1e-30 in float32) neither
+underflow nor stall the tolerance test.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from ..diagnostics import FailurePolicy, SolveStatus, check_policy
+
+__all__ = ["LinearSolver", "LinearProblem", "RawSolution"]
+
+Vector = torch.Tensor
+MatVec = Callable[[Vector], Vector]
+
+
+@dataclasses.dataclass
+class LinearProblem:
+    """A linear system in flat form, as a :class:`LinearSolver` receives it.
+
+    Attributes
+    ----------
+    matvec : callable
+        ``v -> (A + damping I) v`` on flat vectors (damping already included).
+    b : torch.Tensor
+        Right-hand side, flat, scaled to max-norm 1.
+    x0 : torch.Tensor
+        Initial guess (zeros unless warm-started), flat, in the same scaling.
+    abs_tol : float or torch.Tensor
+        Stop when the residual 2-norm ``||b - A x||`` is at or below this.
+    maxiter : int
+        Iteration budget.
+    fixed_budget : bool
+        True when the user asked for exactly ``maxiter`` iterations (``tol=None``); running
+        out is then :attr:`SolveStatus.BUDGET_USED`, a success.
+    eager : bool
+        Python control flow on tensor values (``if residual < tol``) is allowed. False under
+        ``torch.func.vmap``: solvers must then run ``maxiter`` masked iterations.
+    differentiable : bool
+        The caller will differentiate through the solve (higher-order derivatives): keep
+        scalars as tensors, do not turn them into Python numbers.
+    preconditioner : callable or None
+        ``v -> M v`` with ``M`` approximating ``(A + damping I)^{-1}``.
+    """
+
+    matvec: MatVec
+    b: Vector
+    x0: Vector
+    abs_tol: float | torch.Tensor
+    maxiter: int
+    fixed_budget: bool
+    eager: bool
+    differentiable: bool
+    preconditioner: MatVec | None = None
+    _rmatvec: MatVec | None = None
+    _rmatvec_factory: Callable[[], MatVec] | None = None
+
+    @property
+    def rmatvec(self) -> MatVec:
+        """``v -> (A + damping I)^T v``, derived by a vector-Jacobian product if not given."""
+        if self._rmatvec is None:
+            if self._rmatvec_factory is None:
+                _, vjp_fn = torch.func.vjp(self.matvec, torch.zeros_like(self.b))
+                self._rmatvec = lambda u: vjp_fn(u)[0]
+            else:
+                self._rmatvec = self._rmatvec_factory()
+        return self._rmatvec
+
+    def precondition(self, v: Vector) -> Vector:
+        return v if self.preconditioner is None else self.preconditioner(v)
+
+
+class RawSolution(NamedTuple):
+    """What :meth:`LinearSolver.solve` returns.
+
+    ``status`` and ``iterations`` are Python values when the problem is eager, else 0-d tensors.
+    ``residual_norm`` may be None, in which case it is computed with one extra product.
+    """
+
+    x: Vector
+    status: SolveStatus | torch.Tensor
+    iterations: int | torch.Tensor
+    residual_norm: torch.Tensor | float | None = None
+
+
+class LinearSolver(abc.ABC):
+    """Base class of the matrix-free linear solvers.
+
+    Subclasses implement :meth:`solve` on a :class:`LinearProblem`. The common options are
+    handled here.
+
+    Parameters
+    ----------
+    tol : float or None
+        Relative tolerance: stop when ``||b - A x|| <= max(tol * ||b||, atol)``. ``None`` asks
+        for a fixed budget of exactly ``maxiter`` iterations (a deliberate choice, as iMAML's
+        5 CG steps: reported as ``BUDGET_USED`` and never warned about).
+    atol : float
+        Absolute tolerance, in the units of the original right-hand side.
+    maxiter : int or None
+        Iteration budget; default ``min(10 * n, 10_000)`` for a system of size ``n``.
+    damping : float
+        Solve ``(A + damping I) x = b`` instead: the Levenberg-Marquardt / Tikhonov remedy
+        for singular or indefinite operators (e.g. the Hessian of a non-convex inner problem).
+    preconditioner : callable or None
+        Maps a pytree shaped like ``b`` to an approximation of ``(A + damping I)^{-1}`` applied
+        to it. For CG and MINRES it must be symmetric positive definite.
+    on_failure : {"warn", "raise", "ignore"}
+        What to do when the solve does not succeed (max iterations reached with ``tol`` set,
+        negative curvature, breakdown). Applies in the backward pass too: ``"raise"`` makes
+        ``loss.backward()`` raise :class:`~implicitdiff.LinearSolveError`. Non-finite values
+        always raise :class:`~implicitdiff.NonFiniteError`.
+
+    Examples
+    --------
+    A user-defined solver: damped Richardson iteration ``x <- x + w (b - A x)``.
+
+    >>> import torch, implicitdiff as idiff
+    >>> class Richardson(idiff.LinearSolver):
+    ...     def __init__(self, omega=0.5, **kw):
+    ...         super().__init__(**kw)
+    ...         self.omega = omega
+    ...     def solve(self, problem):
+    ...         x = problem.x0
+    ...         for k in range(problem.maxiter):
+    ...             r = problem.b - problem.matvec(x)
+    ...             if problem.eager and float(r.norm()) <= problem.abs_tol:
+    ...                 return idiff.RawSolution(x, idiff.SolveStatus.CONVERGED, k)
+    ...             x = x + self.omega * r
+    ...         status = idiff.SolveStatus.BUDGET_USED if problem.fixed_budget else idiff.SolveStatus.MAX_ITERATIONS
+    ...         return idiff.RawSolution(x, status, problem.maxiter)
+    >>> A = torch.tensor([[1.0, 0.2], [0.1, 1.5]])
+    >>> sol = idiff.linear_solve(lambda v: A @ v, torch.ones(2), solver=Richardson(tol=1e-6, maxiter=200))
+    >>> torch.allclose(A @ sol.value, torch.ones(2), atol=1e-5)
+    True
+    """
+
+    #: Whether the solver assumes a symmetric operator (the backward pass then uses ``A`` for ``A^T``).
+    requires_symmetric: bool = False
+
+    def __init__(
+        self,
+        *,
+        tol: float | None = 1e-6,
+        atol: float = 0.0,
+        maxiter: int | None = None,
+        damping: float = 0.0,
+        preconditioner: Callable[[Any], Any] | None = None,
+        on_failure: FailurePolicy = "warn",
+    ) -> None:
+        if tol is not None and not tol >= 0:
+            raise ValueError(f"tol must be >= 0 or None (a fixed budget), got {tol!r}")
+        if tol is None and maxiter is None:
+            raise ValueError("tol=None asks for a fixed iteration budget: give maxiter too")
+        if not atol >= 0:
+            raise ValueError(f"atol must be >= 0, got {atol!r}")
+        if maxiter is not None and (not isinstance(maxiter, int) or maxiter < 0):
+            raise ValueError(f"maxiter must be a non-negative int or None, got {maxiter!r}")
+        if not (isinstance(damping, (int, float)) and damping == damping):
+            raise ValueError(f"damping must be a finite float, got {damping!r}")
+        if preconditioner is not None and not callable(preconditioner):
+            raise TypeError(f"preconditioner must be callable, got {type(preconditioner).__name__}")
+        self.tol = tol
+        self.atol = float(atol)
+        self.maxiter = maxiter
+        self.damping = float(damping)
+        self.preconditioner = preconditioner
+        self.on_failure = check_policy(on_failure)
+
+    @property
+    def name(self) -> str:
+        """Display name used in diagnostics."""
+        return type(self).__name__
+
+    def default_maxiter(self, n: int) -> int:
+        """Budget used when ``maxiter`` is None, for a system of size ``n``."""
+        return min(10 * max(n, 1), 10_000)
+
+    @abc.abstractmethod
+    def solve(self, problem: LinearProblem) -> RawSolution:
+        """Solve ``problem`` and report the outcome.
+
+        Implementations must honour ``problem.eager`` (no Python branching on tensor values
+        when it is False) and return a :class:`RawSolution`.
+        """
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and v is not None)
+        return f"{self.name}({opts})"
+
+
+def dot(a: Vector, b: Vector) -> torch.Tensor:
+    """Inner product of flat vectors (vmap-safe)."""
+    return torch.dot(a, b)
+
+
+def finalize_status(
+    problem: LinearProblem, status: torch.Tensor, iterations: torch.Tensor
+) -> tuple[SolveStatus | torch.Tensor, int | torch.Tensor]:
+    """Convert tensor status/iterations to Python values when allowed."""
+    if problem.eager:
+        return SolveStatus(int(status)), int(iterations)
+    return status, iterations
+
+
+def running_status(problem: LinearProblem, like: torch.Tensor) -> torch.Tensor:
+    """Initial status tensor: what is reported if the loop runs out."""
+    code = SolveStatus.BUDGET_USED if problem.fixed_budget else SolveStatus.MAX_ITERATIONS
+    return torch.full((), int(code), dtype=torch.int64, device=like.device)
+
+
+def code(s: SolveStatus, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), int(s), dtype=torch.int64, device=like.device)
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` with 0 where ``den == 0`` (keeps masked branches finite)."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))

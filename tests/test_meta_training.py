@@ -1,0 +1,189 @@
+"""Meta-training loop, checkpoint/resume, CLI, evaluation and the MetaLearner API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from applications.meta_learning.checkpoint import load_checkpoint, save_checkpoint
+from applications.meta_learning.cli import main
+from applications.meta_learning.data import SinusoidTasks
+from applications.meta_learning.learner import MetaLearner
+from applications.meta_learning.trainer import MetaTrainer, NonFiniteMetaLossError, TrainConfig
+
+torch.set_num_threads(1)
+
+
+def _sinusoid_config(**kw) -> TrainConfig:
+    base = dict(task="sinusoid", algorithm="imaml", inner_solver="gd", inner_lr=0.02, inner_steps=5, lam=2.0,
+                cg_steps=3, meta_batch=4, iterations=6, checkpoint_every=3, seed=3, use_vmap=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _fake_omniglot(root, n_alphabets=2, n_characters=5, n_drawers=20, seed=0):
+    """An images_background/<alphabet>/<character>/<drawer>.png tree of random strokes."""
+    rng = np.random.default_rng(seed)
+    for a in range(n_alphabets):
+        for c in range(n_characters):
+            folder = root / "images_background" / f"Alphabet{a}" / f"character{c:02d}"
+            folder.mkdir(parents=True)
+            # a per-character template plus per-drawer noise: the classes are learnable
+            template = rng.random((105, 105)) > 0.8
+            for d in range(n_drawers):
+                img = template ^ (rng.random((105, 105)) > 0.97)
+                Image.fromarray(np.where(img, 0, 255).astype(np.uint8)).save(folder / f"{c:02d}_{d:02d}.png")
+    return root
+
+
+@pytest.mark.parametrize("use_vmap", [False, True])
+def test_resume_continues_bitwise(tmp_path, use_vmap):
+    cfg = _sinusoid_config(use_vmap=use_vmap)
+    tasks = SinusoidTasks(shots=10, queries=10)
+    straight = MetaTrainer(cfg, tasks, output_dir=tmp_path / "straight")
+    straight.train(progress=False)
+
+    first = MetaTrainer(cfg, tasks, output_dir=tmp_path / "split")
+    first.train(3, progress=False)
+    torch.rand(5)  # disturb the global RNG: the checkpoint must restore it
+    second = MetaTrainer(cfg, tasks, output_dir=tmp_path / "split")
+    second.resume()
+    assert second.iteration == 3
+    second.train(progress=False)
+
+    for k in straight.theta:
+        assert torch.equal(straight.theta[k], second.theta[k]), k
+    assert [h["meta_loss"] for h in straight.history] == [h["meta_loss"] for h in second.history]
+    a, b = straight.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+    rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 7))
+    assert all(float(r["inner_residual"]) > 0 for r in rows)  # the optimality check is on and logged
+
+
+def test_meta_training_reduces_sinusoid_query_loss():
+    cfg = _sinusoid_config(inner_solver="hf", inner_steps=5, inner_tol=1e-4, iterations=60, meta_batch=8,
+                           meta_lr=3e-3, check_optimality=1e-3)
+    trainer = MetaTrainer(cfg, SinusoidTasks(shots=10, queries=10))
+    history = trainer.train(progress=False)
+    first, last = np.mean([h["meta_loss"] for h in history[:10]]), np.mean([h["meta_loss"] for h in history[-10:]])
+    assert last < 0.7 * first
+    # the HF inner solver solves the inner problems it is asked to (none unsolved)
+    assert sum(h["inner_unsolved"] for h in history) == 0
+
+
+def test_nonfinite_meta_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = _sinusoid_config(iterations=8, checkpoint_every=2)
+    trainer = MetaTrainer(cfg, SinusoidTasks(shots=10, queries=10), output_dir=tmp_path)
+    trainer.train(2, progress=False)
+    good = load_checkpoint(tmp_path / "checkpoint.pt")
+    with torch.no_grad():  # poison the meta-parameters: the next meta-loss is NaN
+        next(iter(trainer.theta.values())).fill_(float("nan"))
+    with pytest.raises(NonFiniteMetaLossError, match="non-finite"):
+        trainer.train(progress=False)
+    kept = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert kept["iteration"] == 2
+    assert all(torch.equal(kept["theta"][k], good["theta"][k]) for k in good["theta"])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pt", {"iteration": 1})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"iteration": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
+
+
+def test_cli_omniglot_train_evaluate_resume_and_learner(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = _fake_omniglot(tmp_path / "omniglot")
+    out = tmp_path / "run"
+    common = ["--task", "omniglot", "--data", str(data), "--ways", "3", "--shots", "1", "--queries", "2",
+              "--hidden", "8", "--meta-batch", "4", "--inner-steps", "3", "--checkpoint-every", "2",
+              "--eval-episodes", "10", "--output", str(out), "--no-progress", "--seed", "1"]
+    assert main(["train", *common, "--iterations", "2"]) == 0
+    assert main(["train", *common, "--iterations", "4", "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "resumed at iteration 2" in captured.err and "test accuracy" in captured.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 4 and summary["test"]["n_episodes"] == 10
+    assert summary["config"]["check_optimality"] == 0.1
+    assert (out / "learning_curve.png").stat().st_size > 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 4 and all(0.0 <= float(r["metric"]) <= 1.0 for r in rows)
+
+    assert main(["evaluate", "--checkpoint", str(out), "--episodes", "12"]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["n_episodes"] == 12 and 0 <= evaluation["mean"] <= 1 and evaluation["ci95"] > 0
+
+    learner = MetaLearner.load(out / "checkpoint.pt")
+    x = torch.rand(3, 1, 28, 28)
+    learner.adapt(x, torch.arange(3))
+    pred = learner.predict(torch.rand(6, 1, 28, 28))
+    assert pred.shape == (6,) and pred.dtype == torch.int64 and int(pred.max()) < 3
+    with pytest.raises(ValueError, match="labels must lie"):
+        learner.adapt(x, torch.tensor([0, 1, 5]))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/omniglot"], "brendenlake/omniglot"),
+        (["--ways", "500"], "exceeds"),
+        (["--shots", "10", "--queries", "15"], "drawers"),
+        (["--inner-lr", "-1"], "inner_lr"),
+        (["--algorithm", "maml", "--inner-solver", "hf"], "Newton-CG"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_message(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = _fake_omniglot(tmp_path / "omniglot", n_characters=3)
+    argv = ["train", "--task", "omniglot", "--data", str(data), "--ways", "3", "--iterations", "1",
+            "--output", str(tmp_path / "o"), "--no-progress", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_cli_without_omniglot_falls_back_to_sinusoid(tmp_path, monkeypatch, capsys):
+    import applications.meta_learning.cli as cli
+
+    monkeypatch.delenv("IMPLICITDIFF_OMNIGLOT", raising=False)
+    monkeypatch.setattr(cli, "resolve_omniglot_root", lambda path=None: None)
+    out = tmp_path / "run"
+    code = main(["train", "--task", "omniglot", "--iterations", "2", "--meta-batch", "2", "--inner-steps", "2",
+                 "--inner-lr", "0.01", "--eval-episodes", "4", "--output", str(out), "--no-progress"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "github.com/brendenlake/omniglot" in err and "sinusoid" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["task"] == "sinusoid" and summary["test"]["metric"] == "mse"
+
+
+def test_cli_compare_writes_one_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = _fake_omniglot(tmp_path / "omniglot")
+    out = tmp_path / "cmp"
+    code = main(["compare", "--task", "omniglot", "--data", str(data), "--ways", "3", "--shots", "1", "--queries", "2",
+                 "--hidden", "8", "--meta-batch", "2", "--inner-steps", "2", "--iterations", "2",
+                 "--eval-episodes", "6", "--methods", "imaml,maml,fomaml,baseline", "--baseline-epochs", "1",
+                 "--output", str(out), "--no-progress"])
+    assert code == 0
+    table = (out / "comparison.md").read_text()
+    for name in ("imaml-gd", "maml", "fomaml", "baseline"):
+        assert f"| {name}" in table
+    results = json.loads((out / "comparison.json").read_text())["results"]
+    assert len(results) == 4 and all(r["n_episodes"] == 6 and math.isfinite(r["mean"]) for r in results)
