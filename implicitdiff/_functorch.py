@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 try:  # torch >= 2.1
-    from torch._C._functorch import TransformType, is_functorch_wrapped_tensor
+    from torch._C._functorch import TransformType, get_unwrapped, is_functorch_wrapped_tensor
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     def under_vmap() -> bool:
@@ -25,6 +25,17 @@ try:  # torch >= 2.1
         """True for a tensor wrapped by a torch.func transform (batched, grad-tracking or dual)."""
         return bool(is_functorch_wrapped_tensor(t))
 
+    def any_true(t: torch.Tensor) -> bool:
+        """``bool(t.any())`` over every batch element, also under vmap.
+
+        Under vmap Python cannot branch on a value; this unwraps the transform layers to
+        look at the physical tensor, so that a batched iterative solver can stop as soon as
+        *all* of its problems have converged instead of running its whole budget.
+        """
+        while is_functorch_wrapped_tensor(t):
+            t = get_unwrapped(t)
+        return bool(t.any())
+
 except ImportError:  # pragma: no cover - very old torch
 
     def under_vmap() -> bool:
@@ -35,3 +46,6 @@ except ImportError:  # pragma: no cover - very old torch
 
     def is_wrapped(t: torch.Tensor) -> bool:
         return False
+
+    def any_true(t: torch.Tensor) -> bool:
+        return bool(t.any())

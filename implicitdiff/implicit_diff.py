@@ -366,7 +366,7 @@ class ImplicitFunction:
                     f"{self.name}: the residual has dtype {r.dtype} where the solution has {s.dtype}; "
                     "the optimality condition must keep the solution's dtype"
                 )
-            if r.requires_grad or is_wrapped(r):
+            if r.requires_grad or is_wrapped(r) or _captures_transformed_tensor(self.condition):
                 raise ImplicitDiffError(
                     f"{self.name}: the optimality condition depends on a tensor that requires grad but is not an "
                     "argument of the solver (a closure, a global, or a module's parameters). Its gradient would be "
@@ -516,6 +516,34 @@ class ImplicitFunction:
         if w.shape != g.shape or w.dtype != g.dtype or w.device != g.device:
             return None
         return w
+
+
+def _captures_transformed_tensor(fn: Any, depth: int = 0) -> bool:
+    """Whether ``fn`` closes over a tensor wrapped by a torch.func transform.
+
+    Inside the inner-solve Function such a tensor's transform is invisible, so its result
+    would silently carry no derivative; the closure cells are where it hides in practice
+    (``lambda x: f(x, lam)`` inside a function transformed by ``torch.func.grad``).
+    """
+    if depth > 4:
+        return False
+    if isinstance(fn, Condition):
+        return _captures_transformed_tensor(fn.fn, depth + 1)
+    if isinstance(fn, functools.partial):
+        if any(isinstance(a, torch.Tensor) and is_wrapped(a) for a in (*fn.args, *fn.keywords.values())):
+            return True
+        return _captures_transformed_tensor(fn.func, depth + 1)
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # empty cell
+            continue
+        if isinstance(value, torch.Tensor):
+            if is_wrapped(value):
+                return True
+        elif callable(value) and _captures_transformed_tensor(value, depth + 1):
+            return True
+    return False
 
 
 def _make_condition(optimality_fn: Any, objective: Any, fixed_point: Any) -> Condition:

@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .._functorch import any_true
 from ..diagnostics import FailurePolicy, SolveStatus, check_policy
 
 __all__ = ["LinearSolver", "LinearProblem", "RawSolution"]
@@ -74,6 +75,14 @@ class LinearProblem:
             else:
                 self._rmatvec = self._rmatvec_factory()
         return self._rmatvec
+
+    def keep_going(self, active: torch.Tensor) -> bool:
+        """Whether any problem is still active: the loop test of a masked iterative solver.
+
+        Works under vmap too (it looks through the batching), so a batch of solves stops as
+        soon as all of them are done.
+        """
+        return any_true(active)
 
     def precondition(self, v: Vector) -> Vector:
         return v if self.preconditioner is None else self.preconditioner(v)

@@ -48,7 +48,7 @@ class BiCGSTAB(LinearSolver):
         active = ~conv0
         iters = torch.zeros((), dtype=torch.int64, device=r.device)
         for _ in range(problem.maxiter):
-            if problem.eager and not bool(active):
+            if not problem.keep_going(active):
                 break
             rho_new = dot(rhat, r)
             brk1 = rho_new.abs() <= tiny

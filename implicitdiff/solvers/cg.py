@@ -102,7 +102,7 @@ def _cg_masked(problem: LinearProblem) -> RawSolution:
     iters = torch.zeros((), dtype=torch.int64, device=r.device)
     best_x, best_r = x, rnorm
     for _ in range(problem.maxiter):
-        if problem.eager and not bool(active):
+        if not problem.keep_going(active):
             break
         Ad = A(d)
         dAd = dot(d, Ad)

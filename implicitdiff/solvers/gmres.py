@@ -53,12 +53,14 @@ class GMRES(LinearSolver):
         r = problem.b - A(x)
         rnorm = torch.linalg.vector_norm(r)
         conv0 = rnorm <= tol
+        bad0 = ~torch.isfinite(rnorm)
         status = torch.where(conv0, code(SolveStatus.CONVERGED, x), status)
-        active = ~conv0
+        status = torch.where(bad0, code(SolveStatus.NONFINITE, x), status)
+        active = ~conv0 & ~bad0
         eps = torch.finfo(dtype).eps
         done = 0
         while done < problem.maxiter:
-            if problem.eager and not bool(active):
+            if not problem.keep_going(active):
                 break
             m = min(self.restart, problem.maxiter - done)
             beta = rnorm
@@ -70,7 +72,7 @@ class GMRES(LinearSolver):
             cycle_active = active
             nonfinite = torch.zeros_like(active)
             for j in range(m):
-                if problem.eager and not bool(cycle_active):
+                if not problem.keep_going(cycle_active):
                     break
                 w = A(M(basis[j]))
                 V = torch.stack(basis)  # (j+1, n)
@@ -83,9 +85,12 @@ class GMRES(LinearSolver):
                 cols.append(torch.cat([h, hn.reshape(1), torch.zeros(m - j - 1, dtype=dtype, device=device)]))
                 basis.append(safe_div(w, hn))
                 H = torch.stack(cols, dim=1)  # (m+1, j+1)
-                y = torch.linalg.lstsq(H, g.unsqueeze(-1)).solution.squeeze(-1)
-                res = torch.linalg.vector_norm(g - H @ y)
-                finite = torch.isfinite(res) & torch.isfinite(y).all()
+                h_finite = torch.isfinite(H).all() & torch.isfinite(g).all()
+                H = torch.where(torch.isfinite(H), H, torch.zeros_like(H))  # LAPACK rejects NaN input
+                g_safe = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+                y = torch.linalg.lstsq(H, g_safe.unsqueeze(-1)).solution.squeeze(-1)
+                res = torch.linalg.vector_norm(g_safe - H @ y)
+                finite = h_finite & torch.isfinite(res) & torch.isfinite(y).all()
                 lucky = hn <= eps * beta
                 step = cycle_active & finite
                 nonfinite = nonfinite | (cycle_active & ~finite)

@@ -38,7 +38,9 @@ class MINRES(LinearSolver):
         x = problem.x0
         r1 = problem.b - A(x)
         y = M(r1)
-        beta1 = torch.sqrt(torch.clamp(dot(r1, y), min=0))
+        r_m_r = dot(r1, y)
+        beta1 = torch.sqrt(torch.clamp(r_m_r, min=0))
+        r1norm = torch.linalg.vector_norm(r1)
         zero = torch.zeros_like(beta1)
         one = torch.ones_like(beta1)
         oldb, beta, dbar, epsln, phibar = zero, beta1, zero, zero, beta1
@@ -46,15 +48,18 @@ class MINRES(LinearSolver):
         w = torch.zeros_like(x)
         w2 = torch.zeros_like(x)
         r2 = r1
-        tol = problem.abs_tol
+        # phibar estimates the residual in the preconditioner's norm: scale the 2-norm tolerance to it
+        tol = problem.abs_tol * safe_div(beta1, r1norm)
         status = running_status(problem, x)
-        conv0 = beta1 <= tol
+        conv0 = r1norm <= problem.abs_tol
+        broken0 = ~conv0 & (r_m_r <= 0)  # the preconditioner is not positive definite
         status = torch.where(conv0, code(SolveStatus.CONVERGED, x), status)
-        active = ~conv0
+        status = torch.where(broken0, code(SolveStatus.BREAKDOWN, x), status)
+        active = ~conv0 & ~broken0
         iters = torch.zeros((), dtype=torch.int64, device=x.device)
         eps = torch.finfo(x.dtype).eps
         for k in range(problem.maxiter):
-            if problem.eager and not bool(active):
+            if not problem.keep_going(active):
                 break
             s = safe_div(one, beta)
             v = s * y

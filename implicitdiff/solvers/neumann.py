@@ -44,6 +44,10 @@ class Neumann(LinearSolver):
             raise ValueError(f"step_size must be > 0, got {step_size!r}")
         self.step_size = float(step_size)
 
+    def default_maxiter(self, n: int) -> int:
+        """1000: the series converges at the rate of the spectral radius, whatever the size."""
+        return 1000
+
     def solve(self, problem: LinearProblem) -> RawSolution:
         A, M, x = problem.matvec, problem.precondition, problem.x0
         tol = problem.abs_tol
@@ -58,7 +62,7 @@ class Neumann(LinearSolver):
             status = torch.where(active & ~finite, code(SolveStatus.NONFINITE, x), status)
             status = torch.where(conv, code(SolveStatus.CONVERGED, x), status)
             active = active & finite & ~conv
-            if k == problem.maxiter or (problem.eager and not bool(active)):
+            if k == problem.maxiter or not problem.keep_going(active):
                 break
             x = torch.where(active, x + self.step_size * M(r), x)
             iters = iters + active.to(iters.dtype)
