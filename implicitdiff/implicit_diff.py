@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import torch
 
-from ._functorch import is_wrapped, under_vmap
+from ._functorch import is_wrapped, under_functorch, under_vmap
 from ._tree import PyTree, Raveler, describe, tree_flatten, tree_structure, tree_unflatten
 from .conditions import Condition, fixed_point_condition, stationarity_condition
 from .diagnostics import SolveInfo, SolveStatus, report
@@ -137,13 +137,19 @@ class _ImplicitAttach(torch.autograd.Function):
         ctx.save_for_forward(*inputs[1 : 1 + call.n_sol], *tensors)
 
     @staticmethod
+    def saved(ctx: Any) -> tuple[tuple[torch.Tensor, ...], list[Any]]:
+        """The solution and the full argument leaves, tensors restored from the saved ones."""
+        saved = ctx.saved_tensors
+        n_sol = ctx.call.n_sol
+        args = list(ctx.static_args)
+        for i, t in zip(ctx.tensor_pos, saved[n_sol:]):
+            args[i] = t
+        return saved[:n_sol], args
+
+    @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
         call: _Call = ctx.call
-        saved = ctx.saved_tensors
-        sol, tensors = saved[: call.n_sol], saved[call.n_sol :]
-        args = list(ctx.static_args)
-        for i, t in zip(ctx.tensor_pos, tensors):
-            args[i] = t
+        sol, args = _ImplicitAttach.saved(ctx)
         offset = 1 + call.n_sol
         wanted = [i for i in ctx.tensor_pos if ctx.needs_input_grad[offset + i]]
         out: list[Any] = [None] * (offset + len(args))
@@ -158,11 +164,7 @@ class _ImplicitAttach(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> tuple[torch.Tensor, ...]:
         call: _Call = ctx.call
-        saved = ctx.saved_tensors
-        sol, tensors = saved[: call.n_sol], saved[call.n_sol :]
-        args = list(ctx.static_args)
-        for i, t in zip(ctx.tensor_pos, tensors):
-            args[i] = t
+        sol, args = _ImplicitAttach.saved(ctx)
         arg_tangents = tangents[1 + call.n_sol :]
         moving = [i for i in ctx.tensor_pos if arg_tangents[i] is not None]
         if not moving:
@@ -416,13 +418,10 @@ class ImplicitFunction:
         """Reverse mode: solve A^T u = g, return -B^T u for the wanted argument leaves."""
         rav = call.raveler
         g = rav.ravel(tree_unflatten(call.sol_spec, list(grads)))
+        transpose_products, args_vjp = _linearize(call, sol, args, wanted, transpose=self.mode != "one_step")
         if self.mode == "one_step":
             u = g
         else:
-            _, vjp_x = torch.func.vjp(lambda *xs: call.residual(xs, args), *sol)
-
-            def matvec(v: torch.Tensor) -> torch.Tensor:  # A^T v
-                return rav.ravel(tree_unflatten(call.sol_spec, list(vjp_x(v))))
 
             def forward_products() -> Callable[[torch.Tensor], torch.Tensor]:  # A v, for NormalCG
                 def mv(v: torch.Tensor) -> torch.Tensor:
@@ -431,13 +430,12 @@ class ImplicitFunction:
 
                 return mv
 
-            x0 = self._warm_guess(g)
             u, info = solve_flat(
                 self.solver,
-                matvec,
+                transpose_products,
                 g,
                 raveler=rav,
-                x0=x0,
+                x0=self._warm_guess(g),
                 rmatvec_factory=forward_products,
                 kind="backward",
                 function=self.name,
@@ -446,15 +444,7 @@ class ImplicitFunction:
                 self.last_backward = info
                 if self.warm_start:
                     self._warm = u.detach()
-
-        def residual_of(*moving: torch.Tensor) -> torch.Tensor:
-            full = list(args)
-            for i, m in zip(wanted, moving):
-                full[i] = m
-            return call.residual(sol, full)
-
-        _, vjp_args = torch.func.vjp(residual_of, *[args[i] for i in wanted])
-        return vjp_args(-u)
+        return args_vjp(-u)
 
     def _forward_tangent(
         self,
@@ -516,6 +506,52 @@ class ImplicitFunction:
         if w.shape != g.shape or w.dtype != g.dtype or w.device != g.device:
             return None
         return w
+
+
+def _linearize(
+    call: _Call, sol: Sequence[torch.Tensor], args: list[Any], wanted: list[int], *, transpose: bool = True
+) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]]:
+    """Products with A^T (reused linearization of F in x) and u -> B^T u for the wanted arguments.
+
+    In a plain ``.backward()`` (no torch.func transform, no ``create_graph``) the products
+    are taken with ``torch.autograd.grad`` on a graph of F built once and retained, which
+    skips torch.func's per-call wrapping; otherwise with ``torch.func.vjp``, which
+    composes with every transform and keeps the products differentiable.
+    """
+    rav = call.raveler
+    if not torch.is_grad_enabled() and not under_functorch():
+        xs = [s.detach().requires_grad_() for s in sol]
+        moving = {i: args[i].detach().requires_grad_() for i in wanted}
+        fixed = [moving.get(i, a.detach() if isinstance(a, torch.Tensor) else a) for i, a in enumerate(args)]
+        with torch.enable_grad():
+            r_x = call.residual(xs, [a.detach() if isinstance(a, torch.Tensor) else a for a in args]) if transpose else None
+            r_theta = call.residual([s.detach() for s in sol], fixed)
+
+        def transpose_fast(v: torch.Tensor) -> torch.Tensor:
+            return rav.ravel(tree_unflatten(call.sol_spec, list(torch.autograd.grad(r_x, xs, v, retain_graph=True))))
+
+        def args_fast(u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            targets = [moving[i] for i in wanted]
+            out = torch.autograd.grad(r_theta, targets, u, allow_unused=True)
+            return tuple(torch.zeros_like(t) if o is None else o for o, t in zip(out, targets))
+
+        return (transpose_fast if transpose else None), args_fast
+
+    transpose_products = None
+    if transpose:
+        _, vjp_x = torch.func.vjp(lambda *xs: call.residual(xs, args), *sol)
+
+        def transpose_products(v: torch.Tensor) -> torch.Tensor:
+            return rav.ravel(tree_unflatten(call.sol_spec, list(vjp_x(v))))
+
+    def residual_of(*moving: torch.Tensor) -> torch.Tensor:
+        full = list(args)
+        for i, m in zip(wanted, moving):
+            full[i] = m
+        return call.residual(sol, full)
+
+    _, vjp_args = torch.func.vjp(residual_of, *[args[i] for i in wanted])
+    return transpose_products, vjp_args
 
 
 def _captures_transformed_tensor(fn: Any, depth: int = 0) -> bool:
