@@ -43,6 +43,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 _MODES = ("implicit", "unrolled", "one_step")
 
 
+_CLOSURE_MESSAGE = (
+    "{name}: the optimality condition depends on a tensor that requires grad but is not an argument of the "
+    "solver (a closure, a global, or a module's parameters). Its gradient would be silently zero. Pass it as an "
+    "argument of the decorated solver and of the condition (for a module, pass dict(module.named_parameters()) "
+    "and use torch.func.functional_call), or detach it."
+)
+
+
 class _Call:
     """Everything about one call that is not a tensor: the function, pytree specs, options."""
 
@@ -206,6 +214,7 @@ class ImplicitFunction:
         self.vmap_inner = vmap_inner
         self.last_backward: SolveInfo | None = None
         self._warm: torch.Tensor | None = None
+        self._validated: set[Any] = set()
         functools.update_wrapper(self, inner)
 
     @property
@@ -287,7 +296,18 @@ class ImplicitFunction:
         inputs = {x.untyped_storage().data_ptr() for x in detached if isinstance(x, torch.Tensor) and x.device.type != "meta"}
         sol_leaves = [self._own(x, inputs) for x in sol_leaves]
         self._check_devices(sol_leaves, arg_leaves)
-        self._check(call, sol_leaves, init_leaves, arg_leaves)
+        signature = (
+            call.sol_spec,
+            call.arg_spec,
+            tuple((x.shape, x.dtype, x.device) for x in sol_leaves),
+            tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else type(a) for a in arg_leaves),
+        )
+        if self.check_optimality is not None or signature not in self._validated:
+            # evaluating F costs about one gradient: once per signature unless optimality is checked
+            self._check(call, sol_leaves, init_leaves, arg_leaves)
+            self._validated.add(signature)
+        elif _captures_transformed_tensor(self.condition):
+            raise ImplicitDiffError(_CLOSURE_MESSAGE.format(name=self.name))
         aux_tensors: list[torch.Tensor] = []
         if self.has_aux:
             aux_leaves, call.aux_spec = tree_flatten(aux)
@@ -369,12 +389,7 @@ class ImplicitFunction:
                     "the optimality condition must keep the solution's dtype"
                 )
             if r.requires_grad or is_wrapped(r) or _captures_transformed_tensor(self.condition):
-                raise ImplicitDiffError(
-                    f"{self.name}: the optimality condition depends on a tensor that requires grad but is not an "
-                    "argument of the solver (a closure, a global, or a module's parameters). Its gradient would be "
-                    "silently zero. Pass it as an argument of the decorated solver and of the condition (for a module, "
-                    "pass dict(module.named_parameters()) and use torch.func.functional_call), or detach it."
-                )
+                raise ImplicitDiffError(_CLOSURE_MESSAGE.format(name=self.name))
         if self.check_optimality is None:
             return
         with torch.no_grad():
@@ -555,18 +570,20 @@ def _linearize(
 
 
 def _captures_transformed_tensor(fn: Any, depth: int = 0) -> bool:
-    """Whether ``fn`` closes over a tensor wrapped by a torch.func transform.
+    """Whether ``fn`` closes over a tensor that requires grad or is wrapped by a torch.func transform.
 
-    Inside the inner-solve Function such a tensor's transform is invisible, so its result
-    would silently carry no derivative; the closure cells are where it hides in practice
-    (``lambda x: f(x, lam)`` inside a function transformed by ``torch.func.grad``).
+    Inside the inner-solve Function such a tensor's derivative is invisible, so the result
+    would silently carry none; the closure cells are where it hides in practice
+    (``lambda x: f(x, lam)`` inside a function transformed by ``torch.func.grad``). This
+    scan is cheap and runs on every call; evaluating F (which also catches tensors reached
+    through globals or modules) runs once per argument signature.
     """
     if depth > 4:
         return False
     if isinstance(fn, Condition):
         return _captures_transformed_tensor(fn.fn, depth + 1)
     if isinstance(fn, functools.partial):
-        if any(isinstance(a, torch.Tensor) and is_wrapped(a) for a in (*fn.args, *fn.keywords.values())):
+        if any(isinstance(a, torch.Tensor) and (is_wrapped(a) or a.requires_grad) for a in (*fn.args, *fn.keywords.values())):
             return True
         return _captures_transformed_tensor(fn.func, depth + 1)
     for cell in getattr(fn, "__closure__", None) or ():
@@ -575,7 +592,7 @@ def _captures_transformed_tensor(fn: Any, depth: int = 0) -> bool:
         except ValueError:  # empty cell
             continue
         if isinstance(value, torch.Tensor):
-            if is_wrapped(value):
+            if is_wrapped(value) or value.requires_grad:
                 return True
         elif callable(value) and _captures_transformed_tensor(value, depth + 1):
             return True

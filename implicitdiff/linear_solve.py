@@ -6,7 +6,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._functorch import under_vmap
+from ._functorch import under_functorch, under_vmap
 from ._tree import PyTree, Raveler, describe, leaves
 from .diagnostics import SolveInfo, SolveStatus, report
 from .errors import ImplicitDiffError, NonFiniteError
@@ -59,7 +59,9 @@ def solve_flat(
     ``raveler`` describes the pytree behind the flat vectors (for the preconditioner).
     """
     eager = not under_vmap()
-    differentiable = torch.is_grad_enabled()
+    # differentiating through the solve is possible only with grad mode on and a graph to extend;
+    # solvers also check that their first product carries no graph before taking a fast path
+    differentiable = torch.is_grad_enabled() and (b.requires_grad or under_functorch())
     name = solver.name
     where = f" in the {kind} solve of {function!r}" if function else ""
     n = b.shape[-1]

@@ -587,3 +587,17 @@ def test_hypergradient_on_device(device):
     val_loss(fit(torch.zeros(4, dtype=DT, device=device), ll, X, y), Xv, yv).backward()
     assert ll.grad.device.type == device.type
     assert rel(ll.grad.cpu(), exact_hypergrad(ll.cpu(), X.cpu(), y.cpu(), Xv.cpu(), yv.cpu())) < 1e-8
+
+
+def test_closure_detected_on_later_calls_too():
+    lam = torch.tensor(0.5)
+
+    @idiff.implicit_diff(objective=lambda x, a: ((x - a) ** 2).sum() + lam * (x**2).sum())
+    def solve(x0, a):
+        return a / (1 + lam.detach())
+
+    a = torch.ones(2, requires_grad=True)
+    solve(torch.zeros(2), a).sum().backward()  # constant closure: fine
+    lam.requires_grad_()
+    with pytest.raises(idiff.ImplicitDiffError, match="not an argument"):
+        solve(torch.zeros(2), a)

@@ -302,3 +302,31 @@ def test_solvers_on_device(device):
         sol = idiff.linear_solve(lambda v: A @ v, b, solver=solver)
         assert sol.value.device.type == device.type
         assert rel_err(sol.value, torch.linalg.solve(A, b)) < 1e-8
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [idiff.CG(tol=1e-10), idiff.GMRES(tol=1e-10, restart=5), idiff.Neumann(step_size=0.05, tol=1e-8, maxiter=3000),
+     idiff.CG(tol=None, maxiter=4), idiff.GMRES(tol=None, maxiter=7, restart=3)],
+)
+def test_fast_and_differentiable_paths_agree(solver):
+    # grad mode off: Python-scalar fast path; b requiring grad: the masked, differentiable path
+    A = spd(12, 20.0, 3)
+    b = torch.randn(12, dtype=DT)
+    with torch.no_grad():
+        fast = idiff.linear_solve(lambda v: A @ v, b, solver=solver)
+    slow = idiff.linear_solve(lambda v: A @ v, b.clone().requires_grad_(), solver=solver)
+    assert slow.value.requires_grad and not fast.value.requires_grad
+    assert fast.info.status == slow.info.status
+    assert abs(fast.info.iterations - slow.info.iterations) <= 1
+    assert torch.allclose(fast.value, slow.value.detach(), atol=1e-8, rtol=1e-6)
+
+
+def test_operator_requiring_grad_is_differentiated_exactly():
+    # b does not require grad but A does: the fast path must notice and step aside
+    A = spd(6, 10.0, 4).requires_grad_()
+    b = torch.randn(6, dtype=DT)
+    for solver in (idiff.CG(tol=1e-14), idiff.GMRES(tol=1e-14), idiff.Neumann(step_size=0.1, tol=1e-13, maxiter=5000)):
+        (ga,) = torch.autograd.grad(idiff.linear_solve(lambda v: A @ v, b, solver=solver).value.sum(), A)
+        (ra,) = torch.autograd.grad(torch.linalg.solve(A, b).sum(), A)
+        assert torch.allclose((ga + ga.T) / 2, (ra + ra.T) / 2, atol=1e-7), solver

@@ -207,6 +207,21 @@ class LinearSolver(abc.ABC):
         return f"{self.name}({opts})"
 
 
+class NeedsGraph(Exception):
+    """Raised by a fast (Python-scalar) solver path that finds the operator requires grad (private)."""
+
+
+def fast_path_ok(problem: LinearProblem) -> bool:
+    """Whether a solver may use Python scalars: eager and nobody differentiates through it."""
+    return problem.eager and not problem.differentiable
+
+
+def check_no_graph(t: torch.Tensor) -> None:
+    """Bail out of a fast path when a product carries a graph (the operator depends on tensors requiring grad)."""
+    if t.requires_grad:
+        raise NeedsGraph
+
+
 def dot(a: Vector, b: Vector) -> torch.Tensor:
     """Inner product of flat vectors (vmap-safe)."""
     return torch.dot(a, b)

@@ -7,7 +7,19 @@ import math
 import torch
 
 from ..diagnostics import SolveStatus
-from .base import LinearProblem, LinearSolver, RawSolution, code, dot, finalize_status, running_status, safe_div
+from .base import (
+    LinearProblem,
+    LinearSolver,
+    NeedsGraph,
+    RawSolution,
+    check_no_graph,
+    code,
+    dot,
+    fast_path_ok,
+    finalize_status,
+    running_status,
+    safe_div,
+)
 
 __all__ = ["CG"]
 
@@ -48,43 +60,58 @@ class CG(LinearSolver):
 
 def conjugate_gradient(problem: LinearProblem) -> RawSolution:
     """Run (preconditioned) CG on ``problem``; shared by :class:`CG` and :class:`NormalCG`."""
-    if problem.eager and not problem.differentiable and problem.preconditioner is None:
-        return _cg_fast(problem)
+    if fast_path_ok(problem):
+        try:
+            return _cg_fast(problem)
+        except NeedsGraph:
+            pass
     return _cg_masked(problem)
 
 
 def _cg_fast(problem: LinearProblem) -> RawSolution:
     """Eager path with Python scalars: the fewest tensor operations per iteration."""
-    A, x = problem.matvec, problem.x0
-    r = problem.b - A(x) if bool(x.any()) else problem.b
+    A, M, x = problem.matvec, problem.preconditioner, problem.x0
+    if bool(x.any()):
+        Ax = A(x)
+        check_no_graph(Ax)
+        r = problem.b - Ax
+    else:
+        r = problem.b
     rr = float(dot(r, r))
     tol2 = float(problem.abs_tol) ** 2
     if rr <= tol2:
         return RawSolution(x, SolveStatus.CONVERGED, 0, math.sqrt(rr))
-    d = r
+    z = r if M is None else M(r)
+    rz = rr if M is None else float(dot(r, z))
+    d = z
     best_x, best_rr = x, rr
     status = SolveStatus.BUDGET_USED if problem.fixed_budget else SolveStatus.MAX_ITERATIONS
     k = 0
     for k in range(1, problem.maxiter + 1):
         Ad = A(d)
+        if k == 1:
+            check_no_graph(Ad)
         dAd = float(dot(d, Ad))
         if not math.isfinite(dAd):
             return RawSolution(best_x, SolveStatus.NONFINITE, k - 1, math.sqrt(best_rr))
         if dAd <= 0.0:
             return RawSolution(best_x, SolveStatus.NEGATIVE_CURVATURE, k - 1, math.sqrt(best_rr))
-        alpha = rr / dAd
+        alpha = rz / dAd
         x = torch.add(x, d, alpha=alpha)
         r = torch.add(r, Ad, alpha=-alpha)
-        rr_new = float(dot(r, r))
-        if not math.isfinite(rr_new):
+        rr = float(dot(r, r))
+        if not math.isfinite(rr):
             return RawSolution(best_x, SolveStatus.NONFINITE, k, math.sqrt(best_rr))
-        if rr_new < best_rr:
-            best_x, best_rr = x, rr_new
-        if rr_new <= tol2:
-            return RawSolution(x, SolveStatus.CONVERGED, k, math.sqrt(rr_new))
-        d = torch.add(r, d, alpha=rr_new / rr)
-        rr = rr_new
+        if rr < best_rr:
+            best_x, best_rr = x, rr
+        if rr <= tol2:
+            return RawSolution(x, SolveStatus.CONVERGED, k, math.sqrt(rr))
+        z = r if M is None else M(r)
+        rz_new = rr if M is None else float(dot(r, z))
+        d = torch.add(z, d, alpha=rz_new / rz)
+        rz = rz_new
     return RawSolution(x, status, k, math.sqrt(rr))
+
 
 def _cg_masked(problem: LinearProblem) -> RawSolution:
     """Tensor-scalar path: vmap-safe (masked updates) and differentiable."""

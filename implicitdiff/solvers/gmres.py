@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..diagnostics import SolveStatus
-from .base import LinearProblem, LinearSolver, RawSolution, code, finalize_status, running_status, safe_div
+from .base import (
+    LinearProblem,
+    LinearSolver,
+    NeedsGraph,
+    RawSolution,
+    check_no_graph,
+    code,
+    fast_path_ok,
+    finalize_status,
+    running_status,
+    safe_div,
+)
 
 __all__ = ["GMRES"]
 
@@ -44,6 +57,77 @@ class GMRES(LinearSolver):
         self.restart = restart
 
     def solve(self, problem: LinearProblem) -> RawSolution:
+        if fast_path_ok(problem):
+            try:
+                return self._solve_fast(problem)
+            except NeedsGraph:
+                pass
+        return self._solve_masked(problem)
+
+    def _solve_fast(self, problem: LinearProblem) -> RawSolution:
+        """Eager path: Givens rotations on Python scalars, one sync per iteration."""
+        A, M, b = problem.matvec, problem.precondition, problem.b
+        x = problem.x0
+        Ax = A(x)
+        check_no_graph(Ax)
+        r = b - Ax
+        beta = float(torch.linalg.vector_norm(r))
+        tol = float(problem.abs_tol)
+        eps = torch.finfo(b.dtype).eps
+        iterations = 0
+        while True:
+            if not math.isfinite(beta):
+                return RawSolution(x, SolveStatus.NONFINITE, iterations, beta)
+            if beta <= tol:
+                return RawSolution(x, SolveStatus.CONVERGED, iterations, beta)
+            if iterations >= problem.maxiter:
+                status = SolveStatus.BUDGET_USED if problem.fixed_budget else SolveStatus.MAX_ITERATIONS
+                return RawSolution(x, status, iterations, beta)
+            m = min(self.restart, problem.maxiter - iterations)
+            basis = [r / beta]
+            cols: list[list[float]] = []
+            cs: list[float] = []
+            sn: list[float] = []
+            g = [beta] + [0.0] * m
+            for j in range(m):
+                w = A(M(basis[j]))
+                V = torch.stack(basis)
+                h = V @ w
+                w = w - V.T @ h
+                h2 = V @ w  # second Gram-Schmidt pass
+                w = w - V.T @ h2
+                hn_t = torch.linalg.vector_norm(w)
+                col = (h + h2).tolist() + [float(hn_t)]
+                iterations += 1
+                if not all(math.isfinite(c) for c in col):
+                    return RawSolution(x, SolveStatus.NONFINITE, iterations, beta)
+                hn = col[-1]
+                for i in range(j):  # previous rotations
+                    a, c2 = col[i], col[i + 1]
+                    col[i], col[i + 1] = cs[i] * a + sn[i] * c2, -sn[i] * a + cs[i] * c2
+                den = math.hypot(col[j], col[j + 1])
+                c, s = (col[j] / den, col[j + 1] / den) if den > 0 else (1.0, 0.0)
+                cs.append(c)
+                sn.append(s)
+                col[j] = den
+                g[j + 1] = -s * g[j]
+                g[j] = c * g[j]
+                cols.append(col[: j + 1])
+                if abs(g[j + 1]) <= tol or hn <= eps * beta:
+                    break
+                basis.append(w / hn)
+            k = len(cols)
+            y = [0.0] * k
+            for i in reversed(range(k)):  # back substitution with the triangular factor
+                acc = g[i] - sum(cols[l][i] * y[l] for l in range(i + 1, k))
+                y[i] = acc / cols[i][i] if cols[i][i] != 0 else 0.0
+            coef = torch.tensor(y, dtype=b.dtype, device=b.device)
+            x = x + M(torch.stack(basis[:k]).T @ coef)
+            r = b - A(x)  # the true residual decides convergence
+            beta = float(torch.linalg.vector_norm(r))
+
+    def _solve_masked(self, problem: LinearProblem) -> RawSolution:
+        """Tensor-scalar path: vmap-safe (masked updates) and differentiable."""
         A, M = problem.matvec, problem.precondition
         x = problem.x0
         tol = problem.abs_tol

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..diagnostics import SolveStatus
-from .base import LinearProblem, LinearSolver, RawSolution, code, finalize_status, running_status
+from .base import (
+    LinearProblem,
+    LinearSolver,
+    NeedsGraph,
+    RawSolution,
+    check_no_graph,
+    code,
+    fast_path_ok,
+    finalize_status,
+    running_status,
+)
 
 __all__ = ["Neumann"]
 
@@ -49,6 +61,35 @@ class Neumann(LinearSolver):
         return 1000
 
     def solve(self, problem: LinearProblem) -> RawSolution:
+        if fast_path_ok(problem):
+            try:
+                return self._solve_fast(problem)
+            except NeedsGraph:
+                pass
+        return self._solve_masked(problem)
+
+    def _solve_fast(self, problem: LinearProblem) -> RawSolution:
+        """Eager path with Python scalars."""
+        A, M, x = problem.matvec, problem.precondition, problem.x0
+        Ax = A(x)
+        check_no_graph(Ax)
+        r = problem.b - Ax
+        tol = float(problem.abs_tol)
+        for k in range(problem.maxiter + 1):
+            rnorm = float(torch.linalg.vector_norm(r))
+            if not math.isfinite(rnorm):
+                return RawSolution(x, SolveStatus.NONFINITE, k, rnorm)
+            if rnorm <= tol:
+                return RawSolution(x, SolveStatus.CONVERGED, k, rnorm)
+            if k == problem.maxiter:
+                break
+            x = torch.add(x, M(r), alpha=self.step_size)
+            r = problem.b - A(x)
+        status = SolveStatus.BUDGET_USED if problem.fixed_budget else SolveStatus.MAX_ITERATIONS
+        return RawSolution(x, status, problem.maxiter, rnorm)
+
+    def _solve_masked(self, problem: LinearProblem) -> RawSolution:
+        """Tensor-scalar path: vmap-safe (masked updates) and differentiable."""
         A, M, x = problem.matvec, problem.precondition, problem.x0
         tol = problem.abs_tol
         status = running_status(problem, x)
