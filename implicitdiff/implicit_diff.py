@@ -80,6 +80,19 @@ class _Call:
         args, kwargs = self.args(arg_leaves)
         return self.raveler.ravel(self.fn.condition(x, *args, **kwargs))
 
+    def residual_in(
+        self, sol_leaves: Sequence[torch.Tensor], arg_leaves: Sequence[Any], positions: Sequence[int]
+    ) -> Callable[..., torch.Tensor]:
+        """F at the solution as a function of the argument leaves at ``positions`` (for B products)."""
+
+        def of(*moving: torch.Tensor) -> torch.Tensor:
+            full = list(arg_leaves)
+            for i, m in zip(positions, moving):
+                full[i] = m
+            return self.residual(sol_leaves, full)
+
+        return of
+
 
 def _detach(leaves: Sequence[Any]) -> list[Any]:
     return [x.detach() if isinstance(x, torch.Tensor) else x for x in leaves]
@@ -477,14 +490,7 @@ class ImplicitFunction:
         built once and reused.
         """
         rav = call.raveler
-
-        def residual_of(*ms: torch.Tensor) -> torch.Tensor:
-            full = list(args)
-            for i, m in zip(moving, ms):
-                full[i] = m
-            return call.residual(sol, full)
-
-        r0, vjp_b = torch.func.vjp(residual_of, *[args[i] for i in moving])
+        r0, vjp_b = torch.func.vjp(call.residual_in(sol, args, moving), *[args[i] for i in moving])
         _, jvp_b = torch.func.vjp(lambda u: vjp_b(u), torch.zeros_like(r0))
         b_dtheta = jvp_b(tuple(tangents))[0]
         if self.mode == "one_step":
@@ -559,13 +565,7 @@ def _linearize(
         def transpose_products(v: torch.Tensor) -> torch.Tensor:
             return rav.ravel(tree_unflatten(call.sol_spec, list(vjp_x(v))))
 
-    def residual_of(*moving: torch.Tensor) -> torch.Tensor:
-        full = list(args)
-        for i, m in zip(wanted, moving):
-            full[i] = m
-        return call.residual(sol, full)
-
-    _, vjp_args = torch.func.vjp(residual_of, *[args[i] for i in wanted])
+    _, vjp_args = torch.func.vjp(call.residual_in(sol, args, wanted), *[args[i] for i in wanted])
     return transpose_products, vjp_args
 
 

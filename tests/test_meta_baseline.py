@@ -25,6 +25,15 @@ from applications.meta_learning.stats import mean_confidence_interval
 HAS_BUNDLED = (default_omniglot_dir() / "images_background_small1.zip").is_file()
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    # These networks are tiny; on a shared 2-core machine intra-op threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _synthetic_characters(n_characters: int, n_drawers: int, seed: int) -> torch.Tensor:
     """Stroke-like characters: a few random line segments per character; drawers shift and thin them."""
     generator = torch.Generator().manual_seed(seed)
@@ -34,8 +43,8 @@ def _synthetic_characters(n_characters: int, n_drawers: int, seed: int) -> torch
         ends = 4 + 20 * torch.rand(4, 2, 2, generator=generator)  # 4 segments, (start, end), (row, col)
         points = ends[:, 0, None, :] + steps[None, :, None] * (ends[:, 1, None, :] - ends[:, 0, None, :])
         for d in range(n_drawers):
-            shift = torch.randint(-2, 3, (2,), generator=generator)
-            jitter = 0.7 * torch.randn(points.shape, generator=generator).cumsum(1) / 6
+            shift = torch.randint(-1, 2, (2,), generator=generator)
+            jitter = 0.5 * torch.randn(points.shape, generator=generator).cumsum(1) / 6
             pixels = (points + shift + jitter).round().long().clamp(0, 27).reshape(-1, 2)
             keep = torch.rand(pixels.shape[0], generator=generator) > 0.2
             images[c, d, 0, pixels[keep, 0], pixels[keep, 1]] = 1.0
@@ -49,18 +58,21 @@ def test_baseline_end_to_end_beats_chance_on_held_out_synthetic_characters():
     torch.manual_seed(0)
     images = _synthetic_characters(n_characters=40, n_drawers=8, seed=0)
     splits = split_characters(40, seed=0, fractions=(0.75, 0.0, 0.25))
-    config = BaselineConfig(epochs=3, batch_size=64, hidden=16, seed=0)
+    config = BaselineConfig(epochs=3, batch_size=32, lr=1e-2, hidden=16, seed=0)
     model, stats = train_baseline(images[splits["train"]], config, progress=False)
     assert stats["num_classes"] == 30 * 4 and stats["num_images"] == 30 * 4 * 8
     assert stats["wall_time_s"] > 0 and len(stats["loss_history"]) == 3
     assert stats["loss_history"][-1] < stats["loss_history"][0]
     held_out = OmniglotTasks(images[splits["test"]], ways=5, shots=1, queries=5)
     episodes = fixed_episodes(held_out, 100, seed=1, batch_size=50)
+    torch.manual_seed(0)
+    untrained = evaluate_baseline(OmniglotCNN(5, hidden=16), episodes)["accuracy"]
     for head in ("prototype", "finetune"):
         result = evaluate_baseline(model, episodes, head=head, finetune_steps=50)
         assert result["n_episodes"] == 100 and len(result["accuracies"]) == 100
-        # Chance is 20%; a working feature extractor is far above it.
-        assert result["accuracy"] > 0.45, (head, result["accuracy"])
+        # Chance is 20%; the pre-trained features must be far above it and above random features.
+        assert result["accuracy"] > 0.6, (head, result["accuracy"])
+        assert result["accuracy"] > untrained + 0.15, (head, result["accuracy"], untrained)
         assert 0 < result["ci95"] < 0.1
 
 
@@ -149,7 +161,7 @@ def test_batched_evaluation_equals_one_episode_at_a_time(head):
     a = evaluate_baseline(model, batched, head=head, finetune_steps=20)
     b = evaluate_baseline(model, singles, head=head, finetune_steps=20)
     assert a["accuracies"] == b["accuracies"]
-    support, query = episode_features(model, batched[0], max_images=20)  # chunked: 1 task per chunk
+    support, query = episode_features(model, batched[0])
     with torch.no_grad():
         whole = model.features(torch.cat([batched[0].x_support[2], batched[0].x_query[2]]))
     assert torch.allclose(torch.cat([support[2], query[2]]), whole, atol=1e-5)
@@ -162,7 +174,8 @@ def test_finetune_head_fits_the_support_set():
     generator = torch.Generator().manual_seed(0)
     centres = 3 * torch.randn(2, 5, 16, generator=generator)
     labels = torch.arange(5).repeat(2, 2)  # [2, 10]
-    support = centres.gather(1, labels.unsqueeze(-1).expand(-1, -1, 16)) + 0.1 * torch.randn(2, 10, 16, generator=generator)
+    noise = 0.1 * torch.randn(2, 10, 16, generator=generator)
+    support = centres.gather(1, labels.unsqueeze(-1).expand(-1, -1, 16)) + noise
     predictions = _finetune_predictions(support, labels, support, 5, steps=100, lr=0.05)
     assert torch.equal(predictions, labels)
     loss = F.cross_entropy(torch.zeros(5), torch.tensor(0))
@@ -172,6 +185,8 @@ def test_finetune_head_fits_the_support_set():
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="epochs must be a positive integer"):
         BaselineConfig(epochs=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        BaselineConfig(batch_size=1)
     with pytest.raises(ValueError, match="lr must be a positive number"):
         BaselineConfig(lr=-1.0)
     with pytest.raises(ValueError, match="Unknown baseline head 'knn'"):

@@ -155,7 +155,10 @@ def test_loads_standard_folder_and_zip_identically(tmp_path, cache_dir):
 
 
 def test_background_and_evaluation_are_combined_and_duplicates_dropped(tmp_path, cache_dir):
-    _write_zip(tmp_path / "images_background_small1.zip", _fake_files("images_background_small1", {"Greek": 2, "Alpha": 1}, 3))
+    _write_zip(
+        tmp_path / "images_background_small1.zip",
+        _fake_files("images_background_small1", {"Greek": 2, "Alpha": 1}, 3),
+    )
     _write_zip(
         tmp_path / "images_background_small2.zip",
         _fake_files("images_background_small2", {"Greek": 2, "Beta": 2}, 3, offset=5),
@@ -342,7 +345,8 @@ def test_omniglot_tasks_episode_structure(rotations):
         assert torch.equal(episode.y_support[b].bincount(minlength=4), torch.full((4,), 2))
         assert torch.equal(episode.y_query[b].bincount(minlength=4), torch.full((4,), 3))
         classes = {}
-        for x, y in list(zip(episode.x_support[b], episode.y_support[b])) + list(zip(episode.x_query[b], episode.y_query[b])):
+        examples = torch.cat([episode.x_support[b], episode.x_query[b]])
+        for x, y in zip(examples, torch.cat([episode.y_support[b], episode.y_query[b]])):
             character, drawer, turns = _decode(x)
             classes.setdefault(int(y), []).append((character, turns, drawer))
         identities = set()

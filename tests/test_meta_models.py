@@ -10,6 +10,15 @@ from torch.func import functional_call, grad, vmap
 from applications.meta_learning.models import OmniglotCNN, SinusoidMLP, build_model
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Tiny convolutions: on a shared 2-core machine intra-op threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(ways: int = 5, hidden: int = 16) -> OmniglotCNN:
     torch.manual_seed(0)
     return OmniglotCNN(ways, hidden=hidden)
@@ -22,7 +31,8 @@ def test_omniglot_cnn_shapes_and_architecture():
     assert model.features(x).shape == (10, 256) and model.feature_dim == 256
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert len(convs) == 4 and all(c.stride == (2, 2) and c.kernel_size == (3, 3) and c.out_channels == 64 for c in convs)
+    assert len(convs) == 4
+    assert all(c.stride == (2, 2) and c.kernel_size == (3, 3) and c.out_channels == 64 for c in convs)
     assert len(norms) == 4 and all(not n.track_running_stats for n in norms)
     assert list(model.buffers()) == []  # nothing outside the parameters: functional_call needs only params
     # 14 -> 7 -> 4 -> 2 spatial.

@@ -44,7 +44,7 @@ def _distillation(args: argparse.Namespace, out: Path) -> list[Path]:
 def _equilibrium(args: argparse.Namespace, out: Path) -> list[Path]:
     config = equilibrium.EquilibriumConfig(seed=args.seed, device=args.device)
     if args.quick:
-        config.train_steps, config.hidden = 15, 16
+        config.train_steps, config.hidden = 15, 32
     equilibrium.run(config, out)
     for name in ("training_table.md", "gradient_table.md", "forward_table.md"):
         print((out / name).read_text())

@@ -77,8 +77,8 @@ class EquilibriumConfig:
 
     seed: int = 0
     max_samples: int | None = None
-    hidden: int = 32
-    contraction: float = 0.9
+    hidden: int = 64
+    contraction: float = 0.99
     forward_solver: str = "anderson"
     forward_tol: float = 1e-10
     forward_max_iter: int = 500

@@ -56,7 +56,10 @@ def minimize_lbfgs(
     max_iter : int
         Maximum number of L-BFGS iterations.
     grad_tol : float
-        Stop once every gradient entry is at most this in absolute value.
+        Stop once every gradient entry is at most this in absolute value. The line search compares
+        function values, so it stalls once steps change the objective by less than its rounding
+        error; in float64 that allows gradients of about ``1e-9`` times the objective's scale, not
+        much below (the result then reports the gradient reached).
     history_size : int
         Number of curvature pairs kept.
 
@@ -78,6 +81,14 @@ def minimize_lbfgs(
     keys = list(init)
     with torch.enable_grad():
         leaves = [init[k].detach().clone().requires_grad_(True) for k in keys]
+
+        def closure() -> torch.Tensor:
+            for leaf in leaves:
+                leaf.grad = None
+            loss = objective(dict(zip(keys, leaves)))
+            loss.backward()
+            return loss
+
         optimizer = torch.optim.LBFGS(
             leaves,
             lr=1.0,
@@ -88,17 +99,10 @@ def minimize_lbfgs(
             history_size=history_size,
             line_search_fn="strong_wolfe",
         )
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = objective(dict(zip(keys, leaves)))
-            loss.backward()
-            return loss
-
         optimizer.step(closure)
+        iterations = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
         final = closure()
-    iterations = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
-    gradient_norm = max(float(leaf.grad.abs().max()) for leaf in leaves)
+        gradient_norm = max(float(leaf.grad.abs().max()) for leaf in leaves)
     return LBFGSResult(
         solution={k: leaf.detach() for k, leaf in zip(keys, leaves)},
         iterations=iterations,

@@ -74,6 +74,10 @@ class RegularizationConfig:
         L-BFGS budget and gradient tolerance of the inner solve.
     cg_tol, cg_maxiter : float, int
         Relative tolerance and budget of the CG solve in the backward pass.
+    cg_on_failure : str
+        CG's failure policy. Small learned penalties make the Hessian ill-conditioned and CG may
+        stop at its budget a little short of ``cg_tol``; by default that is not warned about
+        but recorded (``TuningRun.backward_residuals``) and reported.
     unrolled_steps : int
         Gradient-descent steps differentiated through by the unrolled baseline (per outer step).
     sklearn_cs : list of float
@@ -85,13 +89,14 @@ class RegularizationConfig:
     dataset: str = "digits"
     seed: int = 0
     max_samples: int | None = None
-    init_penalty: float = 1e-1
+    init_penalty: float = 1e-2
     outer_steps: int = 100
     outer_lr: float = 0.1
     inner_max_iter: int = 2000
     inner_grad_tol: float = 1e-9
-    cg_tol: float = 1e-10
-    cg_maxiter: int = 2000
+    cg_tol: float = 1e-6
+    cg_maxiter: int = 1000
+    cg_on_failure: str = "ignore"
     unrolled_steps: int = 100
     sklearn_cs: list[float] = field(default_factory=lambda: np.logspace(-4, 4, 33).tolist())
     device: str = "cpu"
@@ -122,7 +127,9 @@ def make_implicit_fit(config: RegularizationConfig) -> FitFn:
     intercept), so the backward linear system is solved with CG.
     """
 
-    @idiff.implicit_diff(objective=inner_objective, solver=idiff.CG(tol=config.cg_tol, maxiter=config.cg_maxiter))
+    solver = idiff.CG(tol=config.cg_tol, maxiter=config.cg_maxiter, on_failure=config.cg_on_failure)
+
+    @idiff.implicit_diff(objective=inner_objective, solver=solver)
     def fit(init: Params, log_penalty: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Params:
         result = minimize_lbfgs(
             lambda p: inner_objective(p, log_penalty, x, y),
@@ -201,6 +208,8 @@ class TuningRun:
     seconds : float
         Wall time of the outer loop (hypergradients and updates; not the evaluation solves of the
         unrolled run).
+    backward_iterations, backward_residuals : list
+        Iterations and final relative residual of each backward CG solve (empty for unrolled).
     """
 
     method: str
@@ -208,6 +217,8 @@ class TuningRun:
     params: Params
     validation_losses: list[float]
     seconds: float
+    backward_iterations: list[int] = field(default_factory=list)
+    backward_residuals: list[float] = field(default_factory=list)
 
 
 def _exact_fit(log_penalty: torch.Tensor, init: Params, split: StandardizedSplit, config: RegularizationConfig) -> Params:
@@ -245,25 +256,32 @@ def tune_penalties(split: StandardizedSplit, config: RegularizationConfig, metho
     params = init_params(split.n_features, split.n_classes, dtype=dtype, device=device)
     exact = params
     losses: list[float] = []
+    iterations: list[int] = []
+    residuals: list[float] = []
     seconds = 0.0
     for _ in range(config.outer_steps):
         if method == "unrolled":  # judge the run by the model its penalties really give, not the truncated iterate
             exact = _exact_fit(log_penalty, exact, split, config)
             losses.append(float(validation_loss(exact, split.x_val, split.y_val)))
         start = time.perf_counter()
-        loss, grad, params = hypergradient(fit, log_penalty, params, split)
+        with idiff.record_solves() as log:
+            loss, grad, params = hypergradient(fit, log_penalty, params, split)
         optimizer.zero_grad()
         log_penalty.grad = grad
         optimizer.step()
         seconds += time.perf_counter() - start
         if method == "implicit":
             losses.append(float(loss))  # the inner solve is already exact
+            for info in log:
+                if info.kind == "backward":
+                    iterations.append(int(info.iterations))
+                    residuals.append(float(info.relative_residual))
     final = _exact_fit(log_penalty.detach(), exact if method == "unrolled" else params, split, config)
     losses.append(float(validation_loss(final, split.x_val, split.y_val)))
-    return TuningRun(method, log_penalty.detach(), final, losses, seconds)
+    return TuningRun(method, log_penalty.detach(), final, losses, seconds, iterations, residuals)
 
 
-def sklearn_scalar_cv(split: StandardizedSplit, cs: list[float], *, tol: float = 1e-8) -> dict:
+def sklearn_scalar_cv(split: StandardizedSplit, cs: list[float], *, tol: float = 1e-6) -> dict:
     """scikit-learn's ``LogisticRegressionCV`` choosing one scalar ``C`` on the same validation set.
 
     ``cv = [(train, val)]`` with ``refit=False`` makes it select ``C`` by validation log-loss and keep
@@ -402,7 +420,10 @@ def run(config: RegularizationConfig, out_dir: Path) -> dict:
         rows.append({"method": label, **_evaluate(run_.params, split), "seconds": run_.seconds})
     for row in rows:
         method = row["method"]
-        row["start hypergradient rel. error"] = gradient_errors.get("implicit" if "implicit" in method else "unrolled" if "unrolled" in method else "", float("nan"))
+        key = "implicit" if "implicit" in method else "unrolled" if "unrolled" in method else None
+        row["start hypergradient rel. error"] = gradient_errors[key] if key else "-"
+        row["median CG iterations"] = int(np.median(implicit_run.backward_iterations)) if key == "implicit" else "-"
+        row["max CG rel. residual"] = max(implicit_run.backward_residuals) if key == "implicit" else "-"
 
     prefix = config.dataset
     out_dir = Path(out_dir)
@@ -414,6 +435,8 @@ def run(config: RegularizationConfig, out_dir: Path) -> dict:
         "sklearn": sklearn_result,
         "start_hypergradient_relative_error": gradient_errors,
         "validation_losses": {r.method: r.validation_losses for r in (implicit_run, unrolled_run)},
+        "backward_cg_iterations": implicit_run.backward_iterations,
+        "backward_cg_relative_residuals": implicit_run.backward_residuals,
         "learned_log10_penalty": {
             r.method: (r.log_penalty / math.log(10.0)).cpu().tolist() for r in (implicit_run, unrolled_run)
         },

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["markdown_table", "write_json", "write_text", "new_figure", "save_figure", "format_number"]
+__all__ = ["markdown_table", "write_json", "write_text", "new_figure", "new_grid", "save_figure", "format_number"]
 
 
 def format_number(value: Any) -> str:
@@ -67,6 +67,12 @@ def new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
     """A figure with ``ncols`` side-by-side axes."""
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
     return fig, list(axes[0])
+
+
+def new_grid(nrows: int, ncols: int, cell: float = 1.2):
+    """A figure with an ``nrows x ncols`` grid of small square axes (e.g. image galleries)."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + 0.3), squeeze=False)
+    return fig, [list(row) for row in axes]
 
 
 def save_figure(fig, path: Path) -> Path:

@@ -237,6 +237,12 @@ class OmniglotCharacters:
         background 0), characters ordered by :attr:`names`.
     names
         ``"alphabet/character"`` names, sorted.
+
+    Examples
+    --------
+    >>> chars = OmniglotCharacters(torch.zeros(2, 20, 1, 28, 28), ["Greek/character01", "Latin/character01"])
+    >>> len(chars), chars.num_drawers, chars.alphabets
+    (2, 20, ['Greek', 'Latin'])
     """
 
     images: torch.Tensor
@@ -496,6 +502,12 @@ class Episode(NamedTuple):
     and query examples are grouped by label (label ``i`` at positions
     ``i*K .. i*K+K-1``). Regression (sinusoid): ``x``/``y`` are ``[B, K, 1]``
     float.
+
+    Examples
+    --------
+    >>> episode = SinusoidTasks(shots=5, queries=3).sample(2, torch.Generator().manual_seed(0))
+    >>> episode.batch_size, tuple(episode.y_query.shape)
+    (2, (2, 3, 1))
     """
 
     x_support: torch.Tensor

@@ -57,7 +57,8 @@ class OmniglotCNN(nn.Module):
 
     def __init__(self, ways: int, *, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
         super().__init__()
-        for name, value in (("ways", ways), ("in_channels", in_channels), ("hidden", hidden), ("image_size", image_size)):
+        sizes = {"ways": ways, "in_channels": in_channels, "hidden": hidden, "image_size": image_size}
+        for name, value in sizes.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         self.ways, self.in_channels, self.hidden, self.image_size = ways, in_channels, hidden, image_size

@@ -222,6 +222,20 @@ def check_no_graph(t: torch.Tensor) -> None:
         raise NeedsGraph
 
 
+def fast_or_masked(
+    problem: LinearProblem,
+    fast: Callable[[LinearProblem], RawSolution],
+    masked: Callable[[LinearProblem], RawSolution],
+) -> RawSolution:
+    """Run ``fast`` (Python scalars) when allowed and the operator carries no graph, else ``masked``."""
+    if fast_path_ok(problem):
+        try:
+            return fast(problem)
+        except NeedsGraph:
+            pass
+    return masked(problem)
+
+
 def dot(a: Vector, b: Vector) -> torch.Tensor:
     """Inner product of flat vectors (vmap-safe)."""
     return torch.dot(a, b)

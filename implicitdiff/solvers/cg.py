@@ -10,12 +10,11 @@ from ..diagnostics import SolveStatus
 from .base import (
     LinearProblem,
     LinearSolver,
-    NeedsGraph,
     RawSolution,
     check_no_graph,
     code,
     dot,
-    fast_path_ok,
+    fast_or_masked,
     finalize_status,
     running_status,
     safe_div,
@@ -45,7 +44,7 @@ class CG(LinearSolver):
     --------
     >>> import torch, implicitdiff as idiff
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
-    >>> sol = idiff.linear_solve(lambda v: A @ v, torch.tensor([1.0, 2.0]), solver=idiff.CG(tol=1e-10))
+    >>> sol = idiff.linear_solve(lambda v: A @ v, torch.tensor([1.0, 2.0]), solver=idiff.CG(tol=1e-6))
     >>> sol.value
     tensor([0.0909, 0.6364])
     >>> sol.info.iterations
@@ -60,12 +59,7 @@ class CG(LinearSolver):
 
 def conjugate_gradient(problem: LinearProblem) -> RawSolution:
     """Run (preconditioned) CG on ``problem``; shared by :class:`CG` and :class:`NormalCG`."""
-    if fast_path_ok(problem):
-        try:
-            return _cg_fast(problem)
-        except NeedsGraph:
-            pass
-    return _cg_masked(problem)
+    return fast_or_masked(problem, _cg_fast, _cg_masked)
 
 
 def _cg_fast(problem: LinearProblem) -> RawSolution:

@@ -10,11 +10,10 @@ from ..diagnostics import SolveStatus
 from .base import (
     LinearProblem,
     LinearSolver,
-    NeedsGraph,
     RawSolution,
     check_no_graph,
     code,
-    fast_path_ok,
+    fast_or_masked,
     finalize_status,
     running_status,
     safe_div,
@@ -57,12 +56,7 @@ class GMRES(LinearSolver):
         self.restart = restart
 
     def solve(self, problem: LinearProblem) -> RawSolution:
-        if fast_path_ok(problem):
-            try:
-                return self._solve_fast(problem)
-            except NeedsGraph:
-                pass
-        return self._solve_masked(problem)
+        return fast_or_masked(problem, self._solve_fast, self._solve_masked)
 
     def _solve_fast(self, problem: LinearProblem) -> RawSolution:
         """Eager path: Givens rotations on Python scalars, one sync per iteration."""

@@ -10,11 +10,10 @@ from ..diagnostics import SolveStatus
 from .base import (
     LinearProblem,
     LinearSolver,
-    NeedsGraph,
     RawSolution,
     check_no_graph,
     code,
-    fast_path_ok,
+    fast_or_masked,
     finalize_status,
     running_status,
 )
@@ -61,12 +60,7 @@ class Neumann(LinearSolver):
         return 1000
 
     def solve(self, problem: LinearProblem) -> RawSolution:
-        if fast_path_ok(problem):
-            try:
-                return self._solve_fast(problem)
-            except NeedsGraph:
-                pass
-        return self._solve_masked(problem)
+        return fast_or_masked(problem, self._solve_fast, self._solve_masked)
 
     def _solve_fast(self, problem: LinearProblem) -> RawSolution:
         """Eager path with Python scalars."""
