@@ -30,7 +30,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ctx = DistributedContext(rank, world)
         trainer = MetaTrainer(TrainConfig(**CONFIG), SinusoidTasks(shots=10, queries=10), ctx=ctx)
         history = trainer.train(progress=False)
-        torch.save({"theta": {k: v.detach() for k, v in trainer.theta.items()}, "history": history},
+        torch.save({"theta": {k: v.detach() for k, v in trainer.theta.items()}, "history": history,
+                    "grad": {k: v.grad for k, v in trainer.theta.items()}},
                    f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -46,6 +47,8 @@ def test_two_process_meta_training_equals_single_process(tmp_path):
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for k, v in single.theta.items():
+            # the last all-reduced meta-gradient (Adam alone would hide a wrong scale) and the parameters
+            torch.testing.assert_close(got["grad"][k], v.grad, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(got["theta"][k], v.detach(), rtol=1e-6, atol=1e-7)
         for a, b in zip(got["history"], single.history):
             assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-6)

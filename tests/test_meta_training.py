@@ -65,14 +65,16 @@ def test_resume_continues_bitwise(tmp_path, use_vmap):
     rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
     assert [int(r["iteration"]) for r in rows] == list(range(1, 7))
     assert all(float(r["inner_residual"]) > 0 for r in rows)  # the optimality check is on and logged
+    # backward CG failures are counted without vmap; under vmap they cannot be observed (NaN)
+    assert all(math.isnan(float(r["backward_failed"])) == use_vmap for r in rows)
 
 
 def test_meta_training_reduces_sinusoid_query_loss():
-    cfg = _sinusoid_config(inner_solver="hf", inner_steps=5, inner_tol=1e-4, iterations=60, meta_batch=8,
-                           meta_lr=3e-3, check_optimality=1e-3)
+    cfg = _sinusoid_config(inner_solver="hf", lam=5.0, inner_steps=20, hf_cg_steps=5, inner_tol=1e-3, iterations=20,
+                           meta_batch=4, meta_lr=3e-3, check_optimality=1e-2)
     trainer = MetaTrainer(cfg, SinusoidTasks(shots=10, queries=10))
     history = trainer.train(progress=False)
-    first, last = np.mean([h["meta_loss"] for h in history[:10]]), np.mean([h["meta_loss"] for h in history[-10:]])
+    first, last = np.mean([h["meta_loss"] for h in history[:6]]), np.mean([h["meta_loss"] for h in history[-6:]])
     assert last < 0.7 * first
     # the HF inner solver solves the inner problems it is asked to (none unsolved)
     assert sum(h["inner_unsolved"] for h in history) == 0
@@ -127,7 +129,8 @@ def test_cli_omniglot_train_evaluate_resume_and_learner(tmp_path, monkeypatch, c
 
     assert main(["evaluate", "--checkpoint", str(out), "--episodes", "12"]) == 0
     evaluation = json.loads((out / "evaluation.json").read_text())
-    assert evaluation["n_episodes"] == 12 and 0 <= evaluation["mean"] <= 1 and evaluation["ci95"] > 0
+    assert evaluation["n_episodes"] == 12 and len(evaluation["per_episode"]) == 12
+    assert evaluation["mean"] == pytest.approx(np.mean(evaluation["per_episode"]))
 
     learner = MetaLearner.load(out / "checkpoint.pt")
     x = torch.rand(3, 1, 28, 28)

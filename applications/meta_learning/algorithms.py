@@ -156,7 +156,8 @@ class MetaObjective:
     --------
     >>> import torch
     >>> net = FunctionalModel(torch.nn.Linear(1, 1))
-    >>> obj = MetaObjective(net, "regression", AlgorithmConfig("imaml", inner=GradientDescent(0.1, 5)), use_vmap=False)
+    >>> cfg = AlgorithmConfig("imaml", inner=GradientDescent(0.1, 50))
+    >>> obj = MetaObjective(net, "regression", cfg, use_vmap=False)
     >>> theta = {k: v.requires_grad_() for k, v in net.initial_params().items()}
     >>> x = torch.randn(4, 3, 1); out = obj.batch(theta, x, 2 * x, x, 2 * x)
     >>> out.losses.mean().backward(); sorted(theta)
@@ -269,8 +270,8 @@ def build_inner_solver(
 
     Examples
     --------
-    >>> build_inner_solver("hf", lr=0.1, steps=8, tol=1e-3)
-    NewtonCG(steps=8, cg_steps=5, tol=0.001, shrink=0.5, armijo=0.0001, max_backtracks=20)
+    >>> build_inner_solver("hf", lr=0.1, steps=8, tol=1e-3).steps
+    8
     """
     if kind == "gd":
         return GradientDescent(lr=lr, steps=steps, tol=tol)

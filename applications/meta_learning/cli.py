@@ -74,6 +74,8 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--meta-lr", type=float, help="Adam meta learning rate (paper: 1e-3)")
     g.add_argument("--iterations", type=int, help="meta-iterations")
     g.add_argument("--hidden", type=int, help="CNN filters / MLP units (64 / 40)")
+    g.add_argument("--activation", choices=("relu", "silu", "tanh"),
+                   help="sinusoid MLP activation (default silu: smooth, so iMAML's inner problem is solvable)")
     g.add_argument("--seed", type=int)
     g.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None,
                    help="batch the tasks of a meta-batch with torch.func.vmap (default on)")
@@ -83,6 +85,7 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_run_arguments(p: argparse.ArgumentParser, *, output_default: str) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's; 1 on a busy machine)")
     p.add_argument("--output", default=output_default, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=("test", "val"), default="test")
     ev.add_argument("--data", help="Omniglot location (default: the one used in training)")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--threads", type=int, help="CPU threads of torch")
     ev.add_argument("--output", help="write evaluation.json here (default: next to the checkpoint)")
 
     cmp_ = sub.add_parser("compare", help="train several methods, evaluate them on the same episodes, one table")
@@ -149,7 +153,8 @@ def _omniglot_or_fallback(config: TrainConfig) -> TrainConfig:
           f"{OMNIGLOT_SOURCE_URL} (python/ folder) and pass --data DIR.\n"
           "Running the sinusoid regression task instead.", file=sys.stderr)
     return TrainConfig(**{**config.to_dict(), "task": "sinusoid", "shots": None, "queries": None, "meta_batch": None,
-                          "hidden": None, "inner_steps": None, "data": None}).resolved()
+                          "hidden": None, "activation": None, "inner_steps": None,
+                          "data": None}).resolved()
 
 
 def _print_json(obj: dict) -> None:
@@ -228,8 +233,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             o["inner_lr"] = args.maml_inner_lr
         if args.maml_inner_steps is not None:
             o["inner_steps"] = args.maml_inner_steps
-        if method == "maml" and config.inner_tol is not None:
-            o["inner_tol"] = None  # MAML unrolls a fixed number of steps
+        if config.inner_tol is not None:
+            o["inner_tol"] = None  # (first-order) MAML take a fixed number of steps
         if config.inner_solver != "gd":
             o["inner_solver"] = "gd"
         overrides[method] = o
@@ -255,6 +260,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input exits with code 2 and a one-line message (no traceback)."""
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return EXIT_USAGE
+        torch.set_num_threads(args.threads)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare}
     try:
         return handlers[args.command](args)

@@ -133,8 +133,10 @@ class NewtonCG:
     Each step solves ``(H + lam I) d = -grad G`` approximately with ``cg_steps`` CG iterations
     on Hessian-vector products (reverse-over-reverse), then backtracks ``t <- t * shrink`` from
     ``t = 1`` until the Armijo condition ``G(phi + t d) <= G(phi) + c t <grad G, d>`` holds.
-    A CG direction that is not a descent direction (the network's Hessian can be indefinite)
-    is replaced by the negative gradient.
+    The network's Hessian can be indefinite: where CG meets negative curvature the system is
+    damped Levenberg-Marquardt style, ``(H + (lam + mu) I) d = -grad G`` with ``mu`` raised
+    (and lowered again after full Newton steps); a direction that is still not a descent
+    direction is replaced by the negative gradient.
 
     Parameters
     ----------
@@ -148,6 +150,8 @@ class NewtonCG:
         Line-search shrink factor and sufficient-decrease constant.
     max_backtracks : int
         Line-search budget; the smallest step is taken when it is exhausted.
+    max_damping_increases : int
+        How many times per Newton step the damping may be raised after negative curvature.
 
     Examples
     --------
@@ -165,6 +169,7 @@ class NewtonCG:
     shrink: float = 0.5
     armijo: float = 1e-4
     max_backtracks: int = 20
+    max_damping_increases: int = 3
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -186,9 +191,8 @@ class NewtonCG:
         objective = proximal_objective(loss_fn, lam)
         grad_fn = torch.func.grad(objective)
         phi = {k: v.detach() for k, v in init.items()}
-        # Negative curvature is handled below (gradient fallback), so the CG never warns.
-        cg = idiff.CG(maxiter=self.cg_steps, tol=None, on_failure="ignore")
         start_norm = None
+        mu = 0.0  # Levenberg-Marquardt damping, raised where the curvature is negative
         for _ in range(self.steps):
             g = grad_fn(phi, theta, x, y)
             g_norm = float(_norm(g))
@@ -204,11 +208,18 @@ class NewtonCG:
             def hvp(v: Params, vjp_fn=vjp_fn) -> Params:
                 return vjp_fn(v)[0]
 
-            direction = idiff.linear_solve(hvp, {k: -v for k, v in g.items()}, solver=cg).value
+            neg_g = {k: -v for k, v in g.items()}
+            for _ in range(self.max_damping_increases + 1):
+                # Negative curvature is handled here (more damping), so the CG never warns.
+                cg = idiff.CG(maxiter=self.cg_steps, tol=None, damping=mu, on_failure="ignore")
+                sol = idiff.linear_solve(hvp, neg_g, solver=cg)
+                if sol.info.status != idiff.SolveStatus.NEGATIVE_CURVATURE:
+                    break
+                mu = max(4.0 * mu, lam, 1e-3 * g_norm)
+            direction = sol.value
             slope = float(_dot(g, direction))
-            if not slope < 0:  # not a descent direction: negative curvature met
-                direction = {k: -v for k, v in g.items()}
-                slope = -g_norm**2
+            if not slope < 0:  # still not a descent direction: fall back to the gradient
+                direction, slope = neg_g, -(g_norm**2)
             value = float(objective(phi, theta, x, y))
             t = 1.0
             for _ in range(self.max_backtracks):
@@ -217,6 +228,8 @@ class NewtonCG:
                     break
                 t *= self.shrink
             phi = trial
+            # Trust the quadratic model more after a full step, less after a backtracked one.
+            mu = mu / 4.0 if t == 1.0 else max(2.0 * mu, lam)
         return phi
 
 
