@@ -95,7 +95,7 @@ def solve_flat(
             solver.tol * bnorm, solver.atol / scale
         )
     if eager:
-        abs_tol = float(torch.as_tensor(abs_tol).detach())
+        abs_tol = _to_float(abs_tol)
     precond = None
     if solver.preconditioner is not None:
         user_m = solver.preconditioner
@@ -129,7 +129,7 @@ def solve_flat(
     if res is None:
         with torch.no_grad():
             res = torch.linalg.vector_norm(bn - op(raw.x))
-    res_n = float(torch.as_tensor(res).detach())
+    res_n = _to_float(res)
     status = raw.status if isinstance(raw.status, SolveStatus) else SolveStatus(int(raw.status))
     if status != SolveStatus.NONFINITE and not bool(torch.isfinite(raw.x).all()):
         status = SolveStatus.NONFINITE
@@ -144,6 +144,11 @@ def solve_flat(
     )
     report(info, solver.on_failure)
     return x, info
+
+
+def _to_float(value: float | torch.Tensor) -> float:
+    # not torch.as_tensor: that would round a Python float through float32
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def linear_solve(

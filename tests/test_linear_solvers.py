@@ -147,16 +147,25 @@ def test_fixed_budget_needs_maxiter():
 
 
 def test_cg_negative_curvature_status_and_best_iterate():
-    A = torch.diag(torch.tensor([2.0, 1.0, -1.0, -3.0], dtype=DT))
+    A = torch.diag(torch.tensor([3.0, 2.0, 1.0, -0.5], dtype=DT))
     b = torch.ones(4, dtype=DT)
     with pytest.warns(idiff.LinearSolveWarning, match="NEGATIVE_CURVATURE"):
         sol = idiff.linear_solve(lambda v: A @ v, b, solver=idiff.CG(tol=1e-10))
     assert sol.info.status == SolveStatus.NEGATIVE_CURVATURE
     assert torch.isfinite(sol.value).all()
-    # the returned iterate is the best met: no worse than the zero initial guess
-    assert float((b - A @ sol.value).norm()) <= float(b.norm()) + 1e-12
+    # the returned iterate is the best met in CG's sense: it lowered the quadratic model below
+    # its value at the zero initial guess, and it is where CG stood (the first step was taken)
+    x = sol.value
+    assert float(0.5 * x @ A @ x - b @ x) < 0.0
+    assert sol.info.iterations >= 1
+    assert sol.info.relative_residual == pytest.approx(float((b - A @ x).norm() / b.norm()), rel=1e-9)
     with pytest.raises(idiff.LinearSolveError, match="MINRES"):
         idiff.linear_solve(lambda v: A @ v, b, solver=idiff.CG(tol=1e-10, on_failure="raise"))
+    # negative curvature on the very first direction: CG stays at its initial guess
+    B = torch.diag(torch.tensor([2.0, 1.0, -1.0, -3.0], dtype=DT))
+    with pytest.warns(idiff.LinearSolveWarning):
+        first = idiff.linear_solve(lambda v: B @ v, b, solver=idiff.CG(tol=1e-10))
+    assert first.info.iterations == 0 and torch.equal(first.value, torch.zeros(4, dtype=DT))
 
 
 def test_cg_negative_curvature_under_masked_path():

@@ -48,6 +48,10 @@ def task_type_of(task: str) -> TaskType:
     raise ValueError(f"unknown task {task!r}; expected 'omniglot' or 'sinusoid'")
 
 
+#: Krylov solvers for iMAML's meta-gradient system, by CLI name.
+META_SOLVERS = {"cg": idiff.CG, "minres": idiff.MINRES}
+
+
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
     """What to meta-learn with.
@@ -63,6 +67,12 @@ class AlgorithmConfig:
         Inner solver. MAML needs fixed-step :class:`GradientDescent` (it is unrolled).
     cg_steps : int
         CG iterations for iMAML's meta-gradient linear system (a fixed budget, as the paper).
+    meta_solver : {"cg", "minres"}
+        Krylov method for the meta-gradient system :math:`(I + H/\lambda) u = g`. CG is the
+        paper's; MINRES also handles the indefinite systems met early in training, when the
+        inner problem is far from convex (CG stops there at the first negative curvature).
+    meta_damping : float
+        Levenberg-Marquardt damping of that system (solve with :math:`I + H/\lambda + \delta I`).
     check_optimality : float or None
         iMAML only: tolerance of the core's inner-optimality check,
         ``||F(phi)|| <= check_optimality * ||F(theta)||``. Violations are counted and logged.
@@ -79,8 +89,14 @@ class AlgorithmConfig:
     inner: InnerSolver = dataclasses.field(default_factory=lambda: GradientDescent(lr=0.1, steps=16))
     cg_steps: int = 5
     check_optimality: float | None = 0.1
+    meta_solver: str = "cg"
+    meta_damping: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.meta_solver not in META_SOLVERS:
+            raise ValueError(f"meta_solver must be one of {sorted(META_SOLVERS)}, got {self.meta_solver!r}")
+        if not self.meta_damping >= 0:
+            raise ValueError(f"meta_damping must be >= 0, got {self.meta_damping}")
         if self.name not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.name!r}; expected one of {ALGORITHMS} (or 'baseline' in the CLI)")
         if self.name == "imaml" and not self.lam > 0:
@@ -202,7 +218,7 @@ class MetaObjective:
         condition = idiff.proximal_condition(loss_fn, cfg.lam)
         return idiff.implicit_diff(
             condition,
-            solver=idiff.CG(maxiter=cfg.cg_steps, tol=None),
+            solver=META_SOLVERS[cfg.meta_solver](maxiter=cfg.cg_steps, tol=None, damping=cfg.meta_damping),
             mode=cfg.mode,
             check_optimality=cfg.optimality_tol,
             vmap_inner="batched" if inner.vmappable else "loop",

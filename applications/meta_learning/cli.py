@@ -66,7 +66,10 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inner-lr", type=float, help="inner GD step size (paper: 0.1)")
     g.add_argument("--inner-tol", type=float, help="stop the inner solver at this relative gradient norm")
     g.add_argument("--hf-cg-steps", type=int, help="CG steps per Newton step of the hf inner solver")
-    g.add_argument("--cg-steps", type=int, help="CG steps for the iMAML meta-gradient (paper: 5)")
+    g.add_argument("--cg-steps", type=int, help="Krylov steps for the iMAML meta-gradient (paper: 5)")
+    g.add_argument("--meta-solver", choices=("cg", "minres"),
+                   help="solver of the meta-gradient system (paper: cg; minres handles indefinite systems)")
+    g.add_argument("--meta-damping", type=float, help="damping added to the meta-gradient system (default 0)")
     g.add_argument("--check-optimality", type=_tolerance_or_off,
                    help="tolerance of the inner-optimality check ||F(phi)|| <= tol ||F(theta)|| ('off' to disable)")
     g = p.add_argument_group("training")

@@ -70,6 +70,8 @@ class TrainConfig:
     inner_tol: float | None = None
     hf_cg_steps: int = 5
     cg_steps: int = 5
+    meta_solver: str = "cg"
+    meta_damping: float = 0.0
     check_optimality: float | None = 0.1
     meta_batch: int | None = None
     meta_lr: float = 1e-3
@@ -125,7 +127,8 @@ class TrainConfig:
         inner = build_inner_solver(self.inner_solver, lr=self.inner_lr, steps=steps, tol=self.inner_tol,
                                    cg_steps=self.hf_cg_steps)
         return AlgorithmConfig(self.algorithm, lam=self.lam, inner=inner, cg_steps=self.cg_steps,
-                               check_optimality=self.check_optimality)
+                               check_optimality=self.check_optimality, meta_solver=self.meta_solver,
+                               meta_damping=self.meta_damping)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

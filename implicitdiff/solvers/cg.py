@@ -32,9 +32,13 @@ class CG(LinearSolver):
     iterations, each costing one product with :math:`A`.
 
     When it meets non-positive curvature :math:`p^\top A p \le 0` (the operator is not
-    positive definite: a non-convex inner problem, or too few inner steps) it stops at once,
-    returns the iterate with the smallest residual met (never NaN) and reports
-    :attr:`~implicitdiff.SolveStatus.NEGATIVE_CURVATURE`; the failure policy then applies.
+    positive definite: a non-convex inner problem, or too few inner steps) it stops at once
+    and reports :attr:`~implicitdiff.SolveStatus.NEGATIVE_CURVATURE`; the failure policy
+    then applies. It returns the best iterate met in CG's own sense: the last one, since
+    every step so far went along a direction of positive curvature and lowered the
+    quadratic model :math:`\tfrac12 x^\top A x - b^\top x` (the truncated-CG rule of
+    Steihaug). If NaN or infinity appears, the iterate with the smallest residual is
+    returned instead. Never NaN.
     Remedies: ``damping`` (Levenberg-Marquardt), :class:`~implicitdiff.MINRES`, or
     :class:`~implicitdiff.GMRES`.
 
@@ -89,7 +93,7 @@ def _cg_fast(problem: LinearProblem) -> RawSolution:
         if not math.isfinite(dAd):
             return RawSolution(best_x, SolveStatus.NONFINITE, k - 1, math.sqrt(best_rr))
         if dAd <= 0.0:
-            return RawSolution(best_x, SolveStatus.NEGATIVE_CURVATURE, k - 1, math.sqrt(best_rr))
+            return RawSolution(x, SolveStatus.NEGATIVE_CURVATURE, k - 1, math.sqrt(rr))
         alpha = rz / dAd
         x = torch.add(x, d, alpha=alpha)
         r = torch.add(r, Ad, alpha=-alpha)
@@ -153,7 +157,8 @@ def _cg_masked(problem: LinearProblem) -> RawSolution:
         status = torch.where(nonfinite | bad, code(SolveStatus.NONFINITE, r), status)
         status = torch.where(conv, code(SolveStatus.CONVERGED, r), status)
         active = step & ~conv
-    failed = (status == int(SolveStatus.NEGATIVE_CURVATURE)) | (status == int(SolveStatus.NONFINITE))
+    # at negative curvature x is already the last iterate (the masked update froze it there)
+    failed = status == int(SolveStatus.NONFINITE)
     x = torch.where(failed, best_x, x)
     rnorm = torch.where(failed, best_r, rnorm)
     st, it = finalize_status(problem, status, iters)
