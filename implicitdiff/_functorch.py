@@ -32,9 +32,13 @@ try:  # torch >= 2.1
         look at the physical tensor, so that a batched iterative solver can stop as soon as
         *all* of its problems have converged instead of running its whole budget.
         """
+        return bool(physical(t).any())
+
+    def physical(t: torch.Tensor) -> torch.Tensor:
+        """The plain tensor under every transform layer (batch dimensions included), for reading values."""
         while is_functorch_wrapped_tensor(t):
             t = get_unwrapped(t)
-        return bool(t.any())
+        return t
 
 except ImportError:  # pragma: no cover - very old torch
 
@@ -49,3 +53,6 @@ except ImportError:  # pragma: no cover - very old torch
 
     def any_true(t: torch.Tensor) -> bool:
         return bool(t.any())
+
+    def physical(t: torch.Tensor) -> torch.Tensor:
+        return t

@@ -58,7 +58,8 @@ class SolveInfo:
         ``"linear_solve"`` (a direct call of :func:`~implicitdiff.linear_solve`), ``"backward"``
         (reverse-mode hypergradient), ``"forward"`` (forward-mode tangent) or ``"optimality"``.
     status : SolveStatus or None
-        Outcome; None under ``torch.func.vmap``, where values cannot be inspected.
+        Outcome. For a batch of solves run under ``torch.func.vmap``, the worst status of
+        the batch. None only for records made without a status.
     iterations : int or None
         Iterations (matrix-vector products with the operator, roughly) performed.
     residual_norm : float or None
@@ -68,7 +69,11 @@ class SolveInfo:
     function : str
         Name of the decorated inner solver for implicit solves, else ``""``.
     message : str
-        Human-readable detail (e.g. the curvature met).
+        Human-readable detail.
+    batch_size : int
+        Number of solves this record summarizes (more than 1 under ``torch.func.vmap``).
+    batch_failures : int or None
+        How many of them were not successful; None for a single solve (see :attr:`num_failed`).
     """
 
     solver: str
@@ -79,6 +84,15 @@ class SolveInfo:
     relative_residual: float | None
     function: str = ""
     message: str = ""
+    batch_size: int = 1
+    batch_failures: int | None = None
+
+    @property
+    def num_failed(self) -> int:
+        """Number of unsuccessful solves summarized by this record (0 or 1 for a single solve)."""
+        if self.batch_failures is not None:
+            return self.batch_failures
+        return 0 if self.status is None or self.status.ok else 1
 
     @property
     def converged(self) -> bool | None:
@@ -89,7 +103,7 @@ class SolveInfo:
         """One line summarizing the solve, used in warnings and errors."""
         where = f" in the {self.kind} solve of {self.function!r}" if self.function else f" ({self.kind})"
         if self.status is None:
-            return f"{self.solver}{where}: diagnostics unavailable under vmap"
+            return f"{self.solver}{where}: no status recorded"
         rel = "n/a" if self.relative_residual is None else f"{self.relative_residual:.3e}"
         msg = f"{self.solver}{where}: status {self.status.name} after {self.iterations} iterations, relative residual {rel}"
         return msg + (f" ({self.message})" if self.message else "")

@@ -6,7 +6,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._functorch import under_functorch, under_vmap
+from ._functorch import physical, under_functorch, under_vmap
 from ._tree import PyTree, Raveler, describe, leaves
 from .diagnostics import SolveInfo, SolveStatus, report
 from .errors import ImplicitDiffError, NonFiniteError
@@ -122,7 +122,7 @@ def solve_flat(
     raw = solver.solve(problem)
     x = raw.x * scale
     if not eager:
-        info = SolveInfo(name, kind, None, None, None, None, function)
+        info = _batched_info(solver, raw, bn, op, bnorm, scale, kind, function)
         report(info, solver.on_failure)
         return x, info
     res = raw.residual_norm
@@ -144,6 +144,59 @@ def solve_flat(
     )
     report(info, solver.on_failure)
     return x, info
+
+
+# failures in decreasing order of severity: the one reported for a batch
+_SEVERITY = (
+    SolveStatus.NONFINITE,
+    SolveStatus.BREAKDOWN,
+    SolveStatus.NEGATIVE_CURVATURE,
+    SolveStatus.MAX_ITERATIONS,
+    SolveStatus.BUDGET_USED,
+    SolveStatus.CONVERGED,
+)
+
+
+def _batched_info(
+    solver: LinearSolver,
+    raw: Any,
+    bn: torch.Tensor,
+    op: Callable[[torch.Tensor], torch.Tensor],
+    bnorm: torch.Tensor,
+    scale: torch.Tensor,
+    kind: str,
+    function: str,
+) -> SolveInfo:
+    """One SolveInfo summarizing a batch of solves run under vmap.
+
+    Python cannot branch on values under vmap, but it can read them through the batching
+    layers once the solve is done: the batch's worst status is reported (and the failure
+    policy applied to it), with the largest iteration count and relative residual.
+    """
+    res = raw.residual_norm
+    if res is None:
+        with torch.no_grad():
+            res = torch.linalg.vector_norm(bn - op(raw.x))
+    res = torch.as_tensor(res, dtype=bn.dtype, device=bn.device)
+    status = physical(torch.as_tensor(raw.status)).reshape(-1).tolist()
+    iterations = physical(torch.as_tensor(raw.iterations)).reshape(-1)
+    rel = physical((res / bnorm.clamp_min(torch.finfo(bn.dtype).tiny)).detach()).reshape(-1)
+    abs_res = physical((res * scale).detach()).reshape(-1)
+    present = {SolveStatus(int(c)) for c in status}
+    worst = next(s for s in _SEVERITY if s in present)
+    failed = sum(not SolveStatus(int(c)).ok for c in status)
+    return SolveInfo(
+        solver=solver.name,
+        kind=kind,
+        status=worst,
+        iterations=int(iterations.max()),
+        residual_norm=float(abs_res.max()),
+        relative_residual=float(rel.max()),
+        function=function,
+        message=f"worst of a vmapped batch of {len(status)} solves, {failed} not successful",
+        batch_size=len(status),
+        batch_failures=failed,
+    )
 
 
 def _to_float(value: float | torch.Tensor) -> float:

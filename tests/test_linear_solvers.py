@@ -339,3 +339,18 @@ def test_operator_requiring_grad_is_differentiated_exactly():
         (ga,) = torch.autograd.grad(idiff.linear_solve(lambda v: A @ v, b, solver=solver).value.sum(), A)
         (ra,) = torch.autograd.grad(torch.linalg.solve(A, b).sum(), A)
         assert torch.allclose((ga + ga.T) / 2, (ra + ra.T) / 2, atol=1e-7), solver
+
+
+def test_vmapped_solves_report_their_worst_status():
+    A = torch.diag(torch.tensor([3.0, 2.0, 1.0, -0.5], dtype=DT))
+    B = torch.stack([torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=DT), torch.ones(4, dtype=DT), 2 * torch.ones(4, dtype=DT)])
+    solve = lambda b, s: idiff.linear_solve(lambda v: A @ v, b, solver=s).value  # noqa: E731
+    with idiff.record_solves() as log, pytest.warns(idiff.LinearSolveWarning, match="batch of 3 solves, 2 not"):
+        torch.func.vmap(lambda b: solve(b, idiff.CG(tol=1e-10)))(B)
+    (info,) = log
+    assert info.status == SolveStatus.NEGATIVE_CURVATURE and info.batch_size == 3 and info.num_failed == 2
+    with pytest.raises(idiff.LinearSolveError, match="NEGATIVE_CURVATURE"):
+        torch.func.vmap(lambda b: solve(b, idiff.CG(tol=1e-10, on_failure="raise")))(B)
+    with idiff.record_solves() as log:
+        torch.func.vmap(lambda b: solve(b, idiff.MINRES(tol=1e-10)))(B)
+    assert log[0].status == SolveStatus.CONVERGED and log[0].num_failed == 0 and log[0].relative_residual < 1e-9

@@ -254,8 +254,8 @@ class MetaTrainer:
 
         Returns the batch's summed query loss and metric (over this rank's tasks), the
         inner-optimality records (count, sum of relative residuals, count above tolerance) and
-        the number of meta-gradient CG solves that failed (e.g. negative curvature of
-        ``I + H/lam`` at an unsolved inner point; NaN under vmap, where it is not observable).
+        the number of meta-gradient solves that failed (e.g. negative curvature of
+        ``I + H/lam`` at an unsolved inner point), with or without vmap.
         """
         start, stop = mdist.shard_range(episode.batch_size, self.ctx)
         part = [t[start:stop].to(self.device) for t in episode]
@@ -269,10 +269,8 @@ class MetaTrainer:
         checks = [info for info in log if info.kind == "optimality"]
         residuals = [info.relative_residual for info in checks if info.relative_residual is not None]
         unsolved = sum(1 for info in checks if info.status is not None and not info.status.ok)
-        backward = [info for info in log if info.kind == "backward"]
-        # Under vmap the backward solve's status cannot be inspected (None): reported as NaN.
-        known = [info for info in backward if info.status is not None]
-        failed = float(sum(1 for info in known if not info.status.ok)) if known or not backward else float("nan")
+        # one record per task, or one per vmapped batch that counts its failed tasks
+        failed = float(sum(info.num_failed for info in log if info.kind == "backward"))
         return {
             "loss_sum": float(result.losses.detach().sum()),
             "metric_sum": float(result.metrics.detach().sum()),
