@@ -58,6 +58,9 @@ def default_queries(task: str, ways: int, shots: int) -> int:
 #: Named presets: overrides of the training configuration.
 PRESETS: dict[str, dict[str, Any]] = {
     # 2-core CPU, a few minutes with evaluation: half-width CNN, batched tasks, fewer inner steps.
+    # MINRES for the meta-gradient and lam = 0.5: early in training I + H/lam is indefinite and
+    # CG stops at its first negative curvature; measured on this preset (200 held-out episodes):
+    # CG lam=2 58.8%, CG lam=1 60.9%, MINRES lam=2 78.7%, lam=1 85.4%, lam=0.5 86.6%.
     "quick": {
         "task": "omniglot",
         "ways": 5,
@@ -66,6 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden": 32,
         "meta_batch": 8,
         "inner_steps": 5,
+        "lam": 0.5,
+        "meta_solver": "minres",
         "meta_lr": 3e-3,
         "iterations": 150,
         "checkpoint_every": 50,

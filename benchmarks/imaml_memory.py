@@ -1,0 +1,263 @@
+"""Memory and time of one meta-iteration vs the number of inner steps K: iMAML against MAML.
+
+On the paper's Omniglot CNN (64 filters, 5-way 1-shot, 15 queries per class), one
+meta-iteration = adapt every task of a meta-batch with K inner gradient steps, score the
+query sets, and backpropagate the meta-gradient. iMAML (``implicit_diff`` with the
+proximal condition, 5 Krylov steps) keeps no graph of the inner loop, so its memory should
+not depend on K; MAML backpropagates through the K unrolled steps, so its memory grows with
+K. Each configuration runs in a fresh process, so that peak memory is its own:
+
+* CPU: peak resident memory during the meta-iteration (sampled every millisecond) minus
+  the resident memory just before it (data, model and imports excluded), with glibc told
+  to serve blocks of 64 KiB and more by mmap so that freed tensors leave the process;
+* CUDA: ``torch.cuda.max_memory_allocated`` during the meta-iteration.
+
+Also measured: time per meta-iteration (median of the timed iterations after one warm-up)
+and tasks per second with and without ``torch.func.vmap`` over the tasks.
+
+Usage::
+
+    python benchmarks/imaml_memory.py [--ks 1 5 10 25 50 100] [--meta-batch 4] [--device cpu] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class RssSampler:
+    """Peak resident memory of this process while a block runs, sampled every millisecond.
+
+    The kernel's own high-water mark (VmHWM) is only refreshed on some events, so it misses
+    short peaks inside a running process; sampling /proc/self/statm from a thread does not
+    (torch releases the GIL inside its kernels).
+    """
+
+    PAGE = __import__("os").sysconf("SC_PAGE_SIZE")
+
+    def __init__(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak = 0
+
+    @classmethod
+    def rss(cls) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * cls.PAGE
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(0.001)
+
+    def __enter__(self) -> "RssSampler":
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def run_single(algorithm: str, k: int, meta_batch: int, use_vmap: bool, device: str, repeats: int, seed: int) -> dict:
+    import torch
+
+    from applications.meta_learning.algorithms import AlgorithmConfig, FunctionalModel, MetaObjective
+    from applications.meta_learning.data import build_omniglot_splits
+    from applications.meta_learning.inner_solvers import GradientDescent
+    from applications.meta_learning.models import OmniglotCNN
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    splits = build_omniglot_splits(ways=5, shots=1, queries=15, seed=0)
+    model = FunctionalModel(OmniglotCNN(ways=5).to(dev))
+    config = AlgorithmConfig(
+        algorithm, lam=2.0, inner=GradientDescent(lr=0.1, steps=k), cg_steps=5, check_optimality=None,
+        meta_solver="minres",
+    )
+    objective = MetaObjective(model, "classification", config, use_vmap=use_vmap)
+    theta = {n: p.requires_grad_() for n, p in model.initial_params().items()}
+    generator = torch.Generator().manual_seed(seed)
+    episodes = [[t.to(dev) for t in splits["train"].sample(meta_batch, generator)] for _ in range(repeats + 1)]
+
+    def step(ep):
+        for p in theta.values():
+            p.grad = None
+        result = objective.batch(theta, *ep)
+        result.losses.mean().backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    step(episodes[0])  # warm-up (allocator, kernels)
+    times, peaks = [], []
+    for ep in episodes[1:]:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            step(ep)
+            times.append(time.perf_counter() - t0)
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        else:
+            with RssSampler() as rss:
+                t0 = time.perf_counter()
+                step(ep)
+                times.append(time.perf_counter() - t0)
+            peaks.append(rss.peak - rss.base)
+    times.sort()
+    median = times[len(times) // 2]
+    return {
+        "algorithm": algorithm,
+        "K": k,
+        "vmap": use_vmap,
+        "meta_batch": meta_batch,
+        "device": device,
+        "seconds_per_meta_iteration": median,
+        "tasks_per_second": meta_batch / median,
+        "peak_memory_bytes": max(peaks),
+    }
+
+
+def _child_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    # blocks of 64 KiB and more come straight from mmap and go back to the OS when freed, so
+    # resident memory follows the live tensors instead of glibc's cached arenas
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
+    return env
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.1f}"
+
+
+def to_markdown(rows: list[dict], info: dict) -> str:
+    lines = ["| algorithm | K | vmap | peak memory (MiB) | s / meta-iteration | tasks / s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['algorithm']} | {r['K']} | {'yes' if r['vmap'] else 'no'} | {_mib(r['peak_memory_bytes'])} | "
+            f"{r['seconds_per_meta_iteration']:.3f} | {r['tasks_per_second']:.2f} |"
+        )
+    lines += ["", summary(rows), "", f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, device {info['device']}."]
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> str:
+    out = []
+    for alg in ("imaml", "maml"):
+        mem = {r["K"]: r["peak_memory_bytes"] for r in rows if r["algorithm"] == alg and r["vmap"]}
+        if mem:
+            kmin, kmax = min(mem), max(mem)
+            out.append(f"{alg}: peak memory at K={kmax} is {mem[kmax] / mem[kmin]:.2f}x that at K={kmin}.")
+    return " ".join(out)
+
+
+def to_rst(rows: list[dict], info: dict) -> str:
+    out = [".. list-table::", "   :header-rows: 1", ""]
+    out += ["   * - algorithm", "     - K", "     - vmap", "     - peak memory (MiB)", "     - s / meta-iteration", "     - tasks / s"]
+    for r in rows:
+        out += [
+            f"   * - {r['algorithm']}",
+            f"     - {r['K']}",
+            f"     - {'yes' if r['vmap'] else 'no'}",
+            f"     - {_mib(r['peak_memory_bytes'])}",
+            f"     - {r['seconds_per_meta_iteration']:.3f}",
+            f"     - {r['tasks_per_second']:.2f}",
+        ]
+    out += ["", summary(rows) + f" Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, device {info['device']}."]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for alg, style in (("imaml", "o-"), ("maml", "s--")):
+        sel = sorted((r for r in rows if r["algorithm"] == alg and r["vmap"]), key=lambda r: r["K"])
+        if not sel:
+            continue
+        ks = [r["K"] for r in sel]
+        ax1.plot(ks, [r["peak_memory_bytes"] / 2**20 for r in sel], style, label=alg)
+        ax2.plot(ks, [r["seconds_per_meta_iteration"] for r in sel], style, label=alg)
+    for ax, label in ((ax1, "peak memory of a meta-iteration (MiB)"), (ax2, "seconds per meta-iteration")):
+        ax.set_xscale("log")
+        ax.set_xlabel("inner steps K")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_outputs(rows: list[dict], info: dict, stem: pathlib.Path) -> str:
+    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    md = to_markdown(rows, info)
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".rst").write_text(to_rst(rows, info))
+    plot(rows, stem.with_suffix(".png"))
+    return md
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10, 25, 50, 100])
+    parser.add_argument("--vmap-ks", type=int, nargs="+", default=[5], help="K values also measured without vmap")
+    parser.add_argument("--algorithms", nargs="+", default=["imaml", "maml"], choices=["imaml", "maml"])
+    parser.add_argument("--meta-batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--single", nargs=3, metavar=("ALG", "K", "VMAP"), help=argparse.SUPPRESS)
+    parser.add_argument("--render", type=pathlib.Path, default=None, help="rewrite tables and plot from a saved JSON")
+    args = parser.parse_args()
+    if args.single:
+        alg, k, vm = args.single
+        row = run_single(alg, int(k), args.meta_batch, vm == "1", args.device, args.repeats, args.seed)
+        print(json.dumps(row))
+        return
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        print(write_outputs(saved["rows"], saved["machine"], args.render.with_suffix("")))
+        return
+    if args.meta_batch < 1 or args.repeats < 1 or any(k < 1 for k in args.ks):
+        parser.error("--meta-batch, --repeats and every K must be positive")
+    configs = [(a, k, True) for a in args.algorithms for k in args.ks]
+    configs += [(a, k, False) for a in args.algorithms for k in args.vmap_ks]
+    rows = []
+    for alg, k, vm in configs:  # each in a fresh process: its peak memory is its own
+        cmd = [sys.executable, __file__, "--single", alg, str(k), "1" if vm else "0", "--meta-batch",
+               str(args.meta_batch), "--repeats", str(args.repeats), "--device", args.device, "--seed", str(args.seed)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_child_env()).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{alg:5s} K={k:3d} vmap={vm!s:5s} peak={_mib(r['peak_memory_bytes'])} MiB "
+              f"{r['seconds_per_meta_iteration']:.3f} s/it {r['tasks_per_second']:.2f} tasks/s", flush=True)
+    from benchmarks._timing import machine_info
+
+    raw = machine_info(args.device)
+    info = {"cpu": raw["cpu_model"], "cores": raw["usable_cores"], "torch": raw["torch_version"], **raw}
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(write_outputs(rows, info, args.out / f"imaml_memory_{args.device.split(':')[0]}"))
+
+
+if __name__ == "__main__":
+    main()
