@@ -65,8 +65,8 @@ def test_resume_continues_bitwise(tmp_path, use_vmap):
     rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
     assert [int(r["iteration"]) for r in rows] == list(range(1, 7))
     assert all(float(r["inner_residual"]) > 0 for r in rows)  # the optimality check is on and logged
-    # backward CG failures are counted without vmap; under vmap they cannot be observed (NaN)
-    assert all(math.isnan(float(r["backward_failed"])) == use_vmap for r in rows)
+    # failed meta-gradient solves are counted per task, with vmap (read from the batch) and without
+    assert all(0 <= float(r["backward_failed"]) <= cfg.meta_batch for r in rows)
 
 
 def test_meta_training_reduces_sinusoid_query_loss():
