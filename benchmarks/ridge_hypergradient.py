@@ -184,6 +184,33 @@ def _autograd_hypergrad(loss_and_lam: tuple[torch.Tensor, torch.Tensor]) -> torc
     return torch.autograd.grad(loss, log_lam)[0]
 
 
+def _root_closures(
+    p: RidgeProblem, fit: Callable[..., torch.Tensor], given_solution: Callable[..., torch.Tensor]
+) -> tuple[Callable[[Any], torch.Tensor], Callable[[], torch.Tensor], Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+    """The three timed closures of a library with a ``fit(w0, log_lam, X, y)`` decorator (implicitdiff, TorchOpt).
+
+    ``given_solution`` returns the precomputed w*, so that ``hypergrad`` times the
+    hypergradient step alone; ``outer_step`` runs the inner solve too.
+    """
+    w0 = torch.zeros_like(p.w_star)
+
+    def hypergrad(_: Any) -> torch.Tensor:
+        log_lam = p.fresh_log_lam()
+        w = given_solution(w0, log_lam, p.X_train, p.y_train)
+        return torch.autograd.grad(outer_loss(w, p.X_val, p.y_val), log_lam)[0]
+
+    def outer_step() -> torch.Tensor:
+        log_lam = p.fresh_log_lam()
+        w = fit(w0, log_lam, p.X_train, p.y_train)
+        return torch.autograd.grad(outer_loss(w, p.X_val, p.y_val), log_lam)[0]
+
+    def graph_forward() -> tuple[torch.Tensor, torch.Tensor]:
+        log_lam = p.fresh_log_lam()
+        return outer_loss(given_solution(w0, log_lam, p.X_train, p.y_train), p.X_val, p.y_val), log_lam
+
+    return hypergrad, outer_step, graph_forward
+
+
 def implicitdiff_method(
     p: RidgeProblem, name: str, *, solver: idiff.LinearSolver | None = None, mode: str = "implicit", note: str = ""
 ) -> Method:
@@ -202,22 +229,7 @@ def implicitdiff_method(
     def given_solution(w0: torch.Tensor, log_lam: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return w_star  # w* already known: time the hypergradient step alone
 
-    w0 = torch.zeros_like(p.w_star)
-
-    def hypergrad(_: Any) -> torch.Tensor:
-        log_lam = p.fresh_log_lam()
-        w = given_solution(w0, log_lam, p.X_train, p.y_train)
-        return torch.autograd.grad(outer_loss(w, p.X_val, p.y_val), log_lam)[0]
-
-    def outer_step() -> torch.Tensor:
-        log_lam = p.fresh_log_lam()
-        w = fit(w0, log_lam, p.X_train, p.y_train)
-        return torch.autograd.grad(outer_loss(w, p.X_val, p.y_val), log_lam)[0]
-
-    def graph_forward() -> tuple[torch.Tensor, torch.Tensor]:
-        log_lam = p.fresh_log_lam()
-        return outer_loss(given_solution(w0, log_lam, p.X_train, p.y_train), p.X_val, p.y_val), log_lam
-
+    hypergrad, outer_step, graph_forward = _root_closures(p, fit, given_solution)
     return Method(name, "implicitdiff", hypergrad, outer_step, graph_forward=graph_forward, note=note)
 
 
@@ -366,22 +378,7 @@ def torchopt_method(p: RidgeProblem, tol: float) -> Method:
     def given_solution(w0: torch.Tensor, log_lam: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return w_star
 
-    w0 = torch.zeros_like(p.w_star)
-
-    def hypergrad(_: Any) -> torch.Tensor:
-        log_lam = p.fresh_log_lam()
-        w = given_solution(w0, log_lam, p.X_train, p.y_train)
-        return torch.autograd.grad(outer_loss(w, p.X_val, p.y_val), log_lam)[0]
-
-    def outer_step() -> torch.Tensor:
-        log_lam = p.fresh_log_lam()
-        w = fit(w0, log_lam, p.X_train, p.y_train)
-        return torch.autograd.grad(outer_loss(w, p.X_val, p.y_val), log_lam)[0]
-
-    def graph_forward() -> tuple[torch.Tensor, torch.Tensor]:
-        log_lam = p.fresh_log_lam()
-        return outer_loss(given_solution(w0, log_lam, p.X_train, p.y_train), p.X_val, p.y_val), log_lam
-
+    hypergrad, outer_step, graph_forward = _root_closures(p, fit, given_solution)
     return Method(
         f"TorchOpt {torchopt.__version__} custom_root + CG",
         "torchopt",

@@ -25,13 +25,7 @@ from applications.meta_learning.stats import mean_confidence_interval
 HAS_BUNDLED = (default_omniglot_dir() / "images_background_small1.zip").is_file()
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # These networks are tiny; on a shared 2-core machine intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # fixture in conftest.py
 
 
 def _synthetic_characters(n_characters: int, n_drawers: int, seed: int) -> torch.Tensor:

@@ -10,13 +10,7 @@ from torch.func import functional_call, grad, vmap
 from applications.meta_learning.models import OmniglotCNN, SinusoidMLP, build_model
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny convolutions: on a shared 2-core machine intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # fixture in conftest.py
 
 
 def _model(ways: int = 5, hidden: int = 16) -> OmniglotCNN:
