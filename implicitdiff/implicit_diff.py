@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from ._functorch import is_wrapped, under_functorch, under_vmap
-from ._tree import PyTree, Raveler, describe, tree_flatten, tree_structure, tree_unflatten
+from ._tree import PyTree, Raveler, describe, tree_flatten, tree_unflatten
 from .conditions import Condition, fixed_point_condition, stationarity_condition
 from .diagnostics import SolveInfo, SolveStatus, report
 from .errors import ImplicitDiffError, InnerOptimalityWarning
@@ -39,7 +39,6 @@ from .solvers.gmres import GMRES
 __all__ = ["implicit_diff", "ImplicitFunction"]
 
 Mode = Literal["implicit", "unrolled", "one_step"]
-F = TypeVar("F", bound=Callable[..., Any])
 _MODES = ("implicit", "unrolled", "one_step")
 
 
@@ -54,15 +53,14 @@ _CLOSURE_MESSAGE = (
 class _Call:
     """Everything about one call that is not a tensor: the function, pytree specs, options."""
 
-    __slots__ = ("fn", "init_spec", "arg_spec", "n_init", "n_args", "sol_spec", "n_sol", "raveler", "aux_spec",
+    __slots__ = ("fn", "init_spec", "arg_spec", "n_init", "sol_spec", "n_sol", "raveler", "aux_spec",
                  "aux_static", "aux_is_tensor")
 
-    def __init__(self, fn: "ImplicitFunction", init_spec: Any, arg_spec: Any, n_init: int, n_args: int) -> None:
+    def __init__(self, fn: "ImplicitFunction", init_spec: Any, arg_spec: Any, n_init: int) -> None:
         self.fn = fn
         self.init_spec = init_spec
         self.arg_spec = arg_spec
         self.n_init = n_init
-        self.n_args = n_args
         self.sol_spec: Any = None
         self.n_sol = 0
         self.raveler: Raveler | None = None
@@ -243,7 +241,7 @@ class ImplicitFunction:
             return self._call_unrolled(init, args, kwargs)
         init_leaves, init_spec = tree_flatten(init)
         arg_leaves, arg_spec = tree_flatten((args, kwargs))
-        call = _Call(self, init_spec, arg_spec, len(init_leaves), len(arg_leaves))
+        call = _Call(self, init_spec, arg_spec, len(init_leaves))
         outs = _InnerSolve.apply(call, *init_leaves, *arg_leaves)
         sol_leaves = list(outs[: call.n_sol])
         sol_leaves = list(_ImplicitAttach.apply(call, *sol_leaves, *arg_leaves))
@@ -262,7 +260,7 @@ class ImplicitFunction:
             init_leaves, _ = tree_flatten(init)
             sol_leaves, spec = tree_flatten(solution)
             arg_leaves, arg_spec = tree_flatten((args, kwargs))
-            call = _Call(self, None, arg_spec, len(init_leaves), len(arg_leaves))
+            call = _Call(self, None, arg_spec, len(init_leaves))
             self._describe_solution(call, sol_leaves, spec)
             self._check(call, _detach(sol_leaves), _detach(init_leaves), _detach(arg_leaves))
         return out
