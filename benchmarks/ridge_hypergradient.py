@@ -263,6 +263,23 @@ def unrolled_method(p: RidgeProblem, steps: int) -> Method:
     )
 
 
+def _plain_cg(hvp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Textbook CG from zero for a fixed number of iterations: the hand-written baselines' solve."""
+    u = torch.zeros_like(g)
+    r = g.clone()
+    d = r.clone()
+    rr = r @ r
+    for _ in range(iterations):
+        hd = hvp(d)
+        alpha = rr / (d @ hd)
+        u = u + alpha * d
+        r = r - alpha * hd
+        rr_new = r @ r
+        d = r + (rr_new / rr) * d
+        rr = rr_new
+    return u
+
+
 def handwritten_cg_hypergrad(
     w_star: torch.Tensor, log_lam: torch.Tensor, p: RidgeProblem, iterations: int
 ) -> torch.Tensor:
@@ -278,18 +295,7 @@ def handwritten_cg_hypergrad(
     def hvp(v: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(lambda w: grad_w(w, log_lam, X, y), (w_star,), (v,))[1]
 
-    u = torch.zeros_like(g)
-    r = g.clone()
-    d = r.clone()
-    rr = r @ r
-    for _ in range(iterations):
-        hd = hvp(d)
-        alpha = rr / (d @ hd)
-        u = u + alpha * d
-        r = r - alpha * hd
-        rr_new = r @ r
-        d = r + (rr_new / rr) * d
-        rr = rr_new
+    u = _plain_cg(hvp, g, iterations)
     _, vjp_lam = torch.func.vjp(lambda lam: grad_w(w_star, lam, X, y), log_lam)
     return -vjp_lam(u)[0]
 
@@ -307,18 +313,7 @@ def handwritten_linearized_cg_hypergrad(
     g = torch.func.grad(outer_loss)(w_star, p.X_val, p.y_val)
     grad_w = torch.func.grad(inner_objective)
     _, vjp_w = torch.func.vjp(lambda w: grad_w(w, log_lam, X, y), w_star)
-    u = torch.zeros_like(g)
-    r = g.clone()
-    d = r.clone()
-    rr = r @ r
-    for _ in range(iterations):
-        hd = vjp_w(d)[0]
-        alpha = rr / (d @ hd)
-        u = u + alpha * d
-        r = r - alpha * hd
-        rr_new = r @ r
-        d = r + (rr_new / rr) * d
-        rr = rr_new
+    u = _plain_cg(lambda v: vjp_w(v)[0], g, iterations)
     _, vjp_lam = torch.func.vjp(lambda lam: grad_w(w_star, lam, X, y), log_lam)
     return -vjp_lam(u)[0]
 
