@@ -35,6 +35,8 @@ from .inner_solvers import GradientDescent, InnerSolver, LossFn, NewtonCG, Param
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "FunctionalModel", "MetaObjective", "TaskBatchResult", "task_type_of"]
 
 ALGORITHMS = ("imaml", "maml", "fomaml")
+#: The head weights that :attr:`AlgorithmConfig.prototype_head` sets per task.
+PROTOTYPE_KEY = "head.weight"
 TaskType = Literal["classification", "regression"]
 _MODES = {"imaml": "implicit", "maml": "unrolled", "fomaml": "one_step"}
 
@@ -54,7 +56,7 @@ META_SOLVERS = {"cg": idiff.CG, "minres": idiff.MINRES}
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-    """What to meta-learn with.
+    r"""What to meta-learn with.
 
     Parameters
     ----------
@@ -73,6 +75,14 @@ class AlgorithmConfig:
         inner problem is far from convex (CG stops there at the first negative curvature).
     meta_damping : float
         Levenberg-Marquardt damping of that system (solve with :math:`I + H/\lambda + \delta I`).
+    prototype_head : bool
+        Start every task from a head built from its own support set instead of a meta-learned
+        one (needs a network with a :class:`~applications.meta_learning.models.CosineHead`):
+        the task's anchor is ``theta`` plus ``head.weight`` = the mean normalised feature of
+        each class's support examples under ``theta``, i.e. the cosine nearest-prototype
+        classifier (as Proto-MAML, Triantafillou et al. 2020, does for a linear head). The
+        anchor is a differentiable function of ``theta``, so the meta-gradient reaches the
+        feature extractor both through the implicit solve and through the prototypes.
     check_optimality : float or None
         iMAML only: tolerance of the core's inner-optimality check,
         ``||F(phi)|| <= check_optimality * ||F(theta)||``. Violations are counted and logged.
@@ -91,6 +101,7 @@ class AlgorithmConfig:
     check_optimality: float | None = 0.1
     meta_solver: str = "cg"
     meta_damping: float = 0.0
+    prototype_head: bool = False
 
     def __post_init__(self) -> None:
         if self.meta_solver not in META_SOLVERS:
@@ -144,6 +155,16 @@ class FunctionalModel:
         buffers = dict(self.module.named_buffers())
         return torch.func.functional_call(self.module, (params, buffers), (x,))
 
+    def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """The flattened output of the module's ``encoder`` (the input of its head)."""
+        encoder = getattr(self.module, "encoder", None)
+        if encoder is None:
+            raise ValueError(f"{type(self.module).__name__} has no 'encoder' to compute features with")
+        prefix = "encoder."
+        inner = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        buffers = {k[len(prefix):]: v for k, v in self.module.named_buffers() if k.startswith(prefix)}
+        return torch.func.functional_call(encoder, (inner, buffers), (x,)).flatten(1)
+
 
 @dataclasses.dataclass
 class TaskBatchResult:
@@ -187,8 +208,34 @@ class MetaObjective:
         self.task_type = task_type
         self.config = config
         self.use_vmap = use_vmap
+        if config.prototype_head:
+            head = getattr(model.module, "head", None)
+            if task_type != "classification" or not hasattr(head, "scale"):
+                raise ValueError("prototype_head needs a classifier with a cosine head (OmniglotCNN(head='cosine'))")
+            self.ways = int(head.weight.shape[0])
         self.loss_fn: LossFn = self._make_loss()
         self.adapt = self._make_adapt()
+
+    @property
+    def per_task_keys(self) -> tuple[str, ...]:
+        """Parameters set per task from the support set (not meta-parameters): the prototype head."""
+        return (PROTOTYPE_KEY,) if self.config.prototype_head else ()
+
+    def meta_parameters(self) -> Params:
+        """Initial meta-parameters: the network's parameters less :attr:`per_task_keys` (detached copies)."""
+        return {k: v for k, v in self.model.initial_params().items() if k not in self.per_task_keys}
+
+    def task_anchor(self, theta: Params, x_support: torch.Tensor, y_support: torch.Tensor) -> Params:
+        """The point a task's inner problem is anchored at (and started from): ``theta``, plus
+        the support set's class prototypes as head weights when :attr:`AlgorithmConfig.prototype_head`.
+        """
+        if not self.config.prototype_head:
+            return theta
+        features = nnf.normalize(self.model.features(theta, x_support), dim=-1)
+        # one-hot by comparison (vmap-friendly, unlike nnf.one_hot's data-dependent check)
+        one_hot = (y_support.unsqueeze(-1) == torch.arange(self.ways, device=y_support.device)).to(features.dtype)
+        prototypes = (one_hot.T @ features) / one_hot.sum(0).clamp_min(1).unsqueeze(-1)
+        return {**theta, PROTOTYPE_KEY: prototypes}
 
     # -- pieces -------------------------------------------------------------------------
     def _make_loss(self) -> LossFn:
@@ -226,9 +273,10 @@ class MetaObjective:
 
     def adapt_to(self, theta: Params, x_support: torch.Tensor, y_support: torch.Tensor) -> Params:
         """Adapted parameters for one task (differentiable w.r.t. ``theta`` per the algorithm)."""
-        # MAML's unrolled mode differentiates through the start point too, so it starts at theta itself.
-        init = theta if self.config.mode == "unrolled" else {k: v.detach() for k, v in theta.items()}
-        return self.adapt(init, theta, x_support, y_support)
+        anchor = self.task_anchor(theta, x_support, y_support)
+        # MAML's unrolled mode differentiates through the start point too, so it starts at the anchor itself.
+        init = anchor if self.config.mode == "unrolled" else {k: v.detach() for k, v in anchor.items()}
+        return self.adapt(init, anchor, x_support, y_support)
 
     def score(self, phi: Params, x_query: torch.Tensor, y_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss (differentiable) and metric (accuracy for classification, MSE for regression)."""
@@ -265,9 +313,14 @@ class MetaObjective:
         theta = {k: v.detach() for k, v in theta.items()}
         solve = self.config.inner.solve
         lam = self.config.inner_lam
+
+        def adapt_one(x: torch.Tensor, y: torch.Tensor) -> Params:
+            anchor = self.task_anchor(theta, x, y)
+            return solve(self.loss_fn, anchor, anchor, lam, x, y)
+
         if self.use_vmap and self.config.inner.vmappable:
-            return torch.func.vmap(lambda x, y: solve(self.loss_fn, theta, theta, lam, x, y))(x_support, y_support)
-        return [solve(self.loss_fn, theta, theta, lam, x, y) for x, y in zip(x_support, y_support)]
+            return torch.func.vmap(adapt_one)(x_support, y_support)
+        return [adapt_one(x, y) for x, y in zip(x_support, y_support)]
 
     def evaluate_batch(
         self, theta: Params, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor

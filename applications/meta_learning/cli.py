@@ -29,12 +29,25 @@ import torch
 
 from . import distributed as mdist
 from .algorithms import ALGORITHMS
+from .baseline import evaluate_baseline
 from .comparison import METHODS, compare, evaluation_seed, format_table
-from .data import OMNIGLOT_ENV_VAR, OMNIGLOT_SOURCE_URL, fixed_episodes, resolve_omniglot_root
+from .data import (
+    OMNIGLOT_ENV_VAR,
+    OMNIGLOT_SOURCE_URL,
+    fixed_episodes,
+    resolve_omniglot_root,
+)
 from .evaluation import MIN_PAPER_EPISODES, evaluate
 from .learner import MetaLearner
 from .presets import PRESETS, apply_preset
-from .trainer import CHECKPOINT_NAME, MetaTrainer, NonFiniteMetaLossError, TrainConfig, build_task_splits
+from .trainer import (
+    CHECKPOINT_NAME,
+    TASK_HEADS,
+    MetaTrainer,
+    NonFiniteMetaLossError,
+    TrainConfig,
+    build_task_splits,
+)
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -72,6 +85,13 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--meta-damping", type=float, help="damping added to the meta-gradient system (default 0)")
     g.add_argument("--check-optimality", type=_tolerance_or_off,
                    help="tolerance of the inner-optimality check ||F(phi)|| <= tol ||F(theta)|| ('off' to disable)")
+    g.add_argument("--head", choices=TASK_HEADS,
+                   help="Omniglot head: 'linear' (the paper's, meta-learned) or 'prototype' (a cosine head every "
+                        "task starts from its support prototypes)")
+    g.add_argument("--pretrain-epochs", type=int,
+                   help="Omniglot: initialise the CNN by this many epochs of supervised pre-training (default 0)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="Omniglot: random affine distortion of meta-training images (default off)")
     g = p.add_argument_group("training")
     g.add_argument("--meta-batch", type=int, help="tasks per meta-iteration (paper: 32)")
     g.add_argument("--meta-lr", type=float, help="Adam meta learning rate (paper: 1e-3)")
@@ -157,7 +177,7 @@ def _omniglot_or_fallback(config: TrainConfig) -> TrainConfig:
           "Running the sinusoid regression task instead.", file=sys.stderr)
     return TrainConfig(**{**config.to_dict(), "task": "sinusoid", "shots": None, "queries": None, "meta_batch": None,
                           "hidden": None, "activation": None, "inner_steps": None,
-                          "data": None}).resolved()
+                          "data": None, "head": "linear", "pretrain_epochs": 0, "augment": False}).resolved()
 
 
 def _print_json(obj: dict) -> None:
@@ -191,6 +211,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "train_seconds": trainer.train_seconds}
         if not args.no_eval and ctx.is_main:
             episodes = fixed_episodes(splits["test"], config.eval_episodes, seed=evaluation_seed(config))
+            if trainer.pretrained_model is not None:
+                # the starting point, scored as the supervised baseline on the same episodes
+                start = evaluate_baseline(trainer.pretrained_model, episodes, device=device)
+                summary["pretrained_baseline"] = {k: start[k] for k in ("accuracy", "ci95", "n_episodes", "head")}
+                print(f"supervised baseline (the pre-trained start, prototype head): accuracy "
+                      f"{100 * start['accuracy']:.2f}% +- {100 * start['ci95']:.2f}% ({start['n_episodes']} episodes)")
             result = evaluate(trainer.objective, trainer.theta, episodes, device=device)
             summary["test"] = result.to_dict()
             print(f"test {result.describe()}  (training {trainer.train_seconds:.0f} s)")

@@ -101,6 +101,11 @@ def format_table(rows: list[dict[str, Any]], config: TrainConfig) -> str:
     """Markdown table of the comparison."""
     if config.task == "omniglot":
         title = f"Omniglot {config.ways}-way {config.shots}-shot, held-out characters"
+        recipe = [text for text, on in ((f"{config.head} head", config.head != "linear"),
+                                        (f"{config.pretrain_epochs} pre-training epochs", config.pretrain_epochs > 0),
+                                        ("augmented tasks", config.augment)) if on]
+        if recipe:
+            title += f" (meta-learners: {', '.join(recipe)})"
     else:
         title = f"Sinusoid regression, {config.shots} shots"
     lines = [f"### {title}", "",

@@ -49,12 +49,12 @@ class MetaLearner:
         self.config = config.resolved()
         self.device = torch.device(device)
         self.network = FunctionalModel(build_network(self.config).to(self.device))
-        missing = set(dict(self.network.module.named_parameters())) - set(theta)
+        self.objective = MetaObjective(self.network, task_type_of(self.config.task), self.config.algorithm_config(),
+                                       use_vmap=False)
+        missing = set(self.objective.meta_parameters()) - set(theta)
         if missing:
             raise ValueError(f"parameters {sorted(missing)} missing for a {self.config.task} model")
         self.theta = {k: v.detach().to(self.device) for k, v in theta.items()}
-        self.objective = MetaObjective(self.network, task_type_of(self.config.task), self.config.algorithm_config(),
-                                       use_vmap=False)
         self.adapted: Params | None = None
 
     @classmethod
@@ -84,7 +84,8 @@ class MetaLearner:
         elif y_support.shape != x_support.shape:
             raise ValueError(f"y_support must have the shape of x_support {tuple(x_support.shape)}")
         inner = self.objective.config.inner
-        self.adapted = inner.solve(self.objective.loss_fn, self.theta, self.theta, self.objective.config.inner_lam,
+        anchor = self.objective.task_anchor(self.theta, x_support, y_support)
+        self.adapted = inner.solve(self.objective.loss_fn, anchor, anchor, self.objective.config.inner_lam,
                                    x_support, y_support)
         self.adapted = {k: v.detach() for k, v in self.adapted.items()}
         return self.adapted

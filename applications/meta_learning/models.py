@@ -1,7 +1,8 @@
 """Networks of the MAML/iMAML few-shot experiments.
 
 * :class:`OmniglotCNN`: 4 blocks of [3x3 conv, stride 2, BatchNorm, ReLU] and a
-  linear N-way head (Finn et al., 2017; Rajeswaran et al., 2019).
+  linear N-way head (Finn et al., 2017; Rajeswaran et al., 2019), or a
+  :class:`CosineHead` (scaled cosine similarity to one weight vector per class).
 * :class:`SinusoidMLP`: the 1-40-40-1 ReLU regressor of the MAML sinusoid task.
 
 Both work under :func:`torch.func.functional_call` and :func:`torch.func.vmap`:
@@ -15,7 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["OmniglotCNN", "SinusoidMLP", "build_model"]
+__all__ = ["CosineHead", "HEADS", "OmniglotCNN", "SinusoidMLP", "build_model"]
+
+#: Classifier heads of :class:`OmniglotCNN`.
+HEADS = ("linear", "cosine")
 
 
 def _conv_output_size(size: int, blocks: int) -> int:
@@ -23,6 +27,42 @@ def _conv_output_size(size: int, blocks: int) -> int:
     for _ in range(blocks):
         size = (size + 1) // 2
     return size
+
+
+class CosineHead(nn.Module):
+    r"""Scaled cosine similarity classifier: :math:`z_k = s \cos(f, w_k)`.
+
+    The logits of features :math:`f` are :math:`s\, \hat f^\top \hat w_k` with
+    :math:`\hat v = v / \|v\|`, a weight vector :math:`w_k` per class and a learned
+    temperature :math:`s` (initially ``scale``). With :math:`w_k` set to the mean normalised
+    feature of class :math:`k`'s support examples this is the cosine nearest-prototype
+    classifier of the supervised baseline, which makes it the natural head to start
+    a few-shot adaptation from.
+
+    Parameters
+    ----------
+    in_features, ways
+        Feature dimension and number of classes.
+    scale
+        Initial temperature :math:`s`.
+
+    Examples
+    --------
+    >>> head = CosineHead(4, 3)
+    >>> f = torch.randn(2, 4)
+    >>> torch.allclose(head(f), 10 * torch.nn.functional.normalize(f, dim=1) @ torch.nn.functional.normalize(head.weight, dim=1).T)
+    True
+    """
+
+    def __init__(self, in_features: int, ways: int, *, scale: float = 10.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(ways, in_features) / in_features**0.5)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, ways]``."""
+        weight = nn.functional.normalize(self.weight, dim=-1)
+        return self.scale * nn.functional.normalize(features, dim=-1) @ weight.T
 
 
 class OmniglotCNN(nn.Module):
@@ -44,6 +84,8 @@ class OmniglotCNN(nn.Module):
         Filters per convolution.
     image_size
         Input height/width.
+    head
+        ``"linear"`` (the paper's) or ``"cosine"`` (:class:`CosineHead`).
 
     Examples
     --------
@@ -55,8 +97,12 @@ class OmniglotCNN(nn.Module):
 
     num_blocks = 4
 
-    def __init__(self, ways: int, *, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
+    def __init__(
+        self, ways: int, *, in_channels: int = 1, hidden: int = 64, image_size: int = 28, head: str = "linear"
+    ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}.")
         sizes = {"ways": ways, "in_channels": in_channels, "hidden": hidden, "image_size": image_size}
         for name, value in sizes.items():
             if not isinstance(value, int) or value < 1:
@@ -73,7 +119,7 @@ class OmniglotCNN(nn.Module):
             channels = hidden
         self.encoder = nn.Sequential(*blocks)
         self.feature_dim = hidden * _conv_output_size(image_size, self.num_blocks) ** 2
-        self.head = nn.Linear(self.feature_dim, ways)
+        self.head: nn.Module = nn.Linear(self.feature_dim, ways) if head == "linear" else CosineHead(self.feature_dim, ways)
 
     def _check_input(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)

@@ -26,11 +26,30 @@ import torch
 import implicitdiff as idiff
 
 from . import distributed as mdist
-from .algorithms import ALGORITHMS, AlgorithmConfig, FunctionalModel, MetaObjective, build_inner_solver, task_type_of
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .algorithms import (
+    ALGORITHMS,
+    AlgorithmConfig,
+    FunctionalModel,
+    MetaObjective,
+    build_inner_solver,
+    task_type_of,
+)
+from .augmentation import random_affine
+from .baseline import BaselineConfig, train_baseline
+from .checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .data import OmniglotTasks, SinusoidTasks, build_omniglot_splits
 from .models import OmniglotCNN, SinusoidMLP
-from .presets import PAPER_OMNIGLOT, SINUSOID_DEFAULTS, default_inner_steps, default_queries
+from .presets import (
+    PAPER_OMNIGLOT,
+    SINUSOID_DEFAULTS,
+    default_inner_steps,
+    default_queries,
+)
 
 __all__ = ["TrainConfig", "MetaTrainer", "NonFiniteMetaLossError", "build_task_splits", "build_network", "CHECKPOINT_NAME"]
 
@@ -50,6 +69,13 @@ class TrainConfig:
     10 for sinusoid), queries (15 per class for 5-way, 5 for 20-way), inner steps (16 for 5-way,
     25 for 20-way, the paper's), meta-batch (32, the paper's; 25 for sinusoid as MAML's), hidden
     width (64 filters; 40 units).
+
+    Omniglot only: ``head="prototype"`` starts every task from a cosine head set to its support
+    prototypes (:attr:`AlgorithmConfig.prototype_head`); ``pretrain_epochs > 0`` initialises the
+    feature extractor by that many epochs of the supervised baseline's training on the training
+    characters (:func:`~applications.meta_learning.baseline.train_baseline`, augmented) before
+    meta-training; ``augment`` distorts every meta-training image by a random affine map
+    (:func:`~applications.meta_learning.augmentation.random_affine`).
 
     Examples
     --------
@@ -83,6 +109,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_episodes: int = 600
     data: str | None = None
+    head: str = "linear"
+    pretrain_epochs: int = 0
+    augment: bool = False
 
     def resolved(self) -> "TrainConfig":
         """A copy with the task-dependent defaults filled in and every field validated."""
@@ -113,6 +142,15 @@ class TrainConfig:
             value = getattr(cfg, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if cfg.head not in TASK_HEADS:
+            raise ValueError(f"head must be one of {TASK_HEADS}, got {cfg.head!r}")
+        if not isinstance(cfg.pretrain_epochs, int) or cfg.pretrain_epochs < 0:
+            raise ValueError(f"pretrain_epochs must be an integer >= 0, got {cfg.pretrain_epochs!r}")
+        if cfg.task != "omniglot":
+            for name, off in (("head", "linear"), ("pretrain_epochs", 0), ("augment", False)):
+                if getattr(cfg, name) != off:
+                    raise ValueError(f"{name}={getattr(cfg, name)!r} is for Omniglot; the {cfg.task} task has no "
+                                     "classifier head or images")
         if cfg.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
         if cfg.algorithm not in ALGORITHMS:
@@ -128,7 +166,7 @@ class TrainConfig:
                                    cg_steps=self.hf_cg_steps)
         return AlgorithmConfig(self.algorithm, lam=self.lam, inner=inner, cg_steps=self.cg_steps,
                                check_optimality=self.check_optimality, meta_solver=self.meta_solver,
-                               meta_damping=self.meta_damping)
+                               meta_damping=self.meta_damping, prototype_head=self.head == "prototype")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +179,10 @@ class TrainConfig:
             raise ValueError(f"unknown configuration fields {sorted(unknown)}")
         return cls(**values)
 
+
+#: Classifier heads of the meta-learners: the paper's meta-learned linear head, or a cosine head
+#: that every task starts from its support-set prototypes (:attr:`AlgorithmConfig.prototype_head`).
+TASK_HEADS = ("linear", "prototype")
 
 #: Activations of the sinusoid MLP. ReLU is MAML's; a smooth one makes iMAML's inner problem
 #: solvable: with ReLU the proximal objective is only piecewise smooth, its minimizers sit on
@@ -165,7 +207,7 @@ def build_network(config: TrainConfig) -> torch.nn.Module:
     :data:`ACTIVATIONS`).
     """
     if config.task == "omniglot":
-        return OmniglotCNN(config.ways, hidden=config.hidden or 64)
+        return OmniglotCNN(config.ways, hidden=config.hidden or 64, head="cosine" if config.head == "prototype" else "linear")
     net = SinusoidMLP(hidden=config.hidden or 40)
     activation = config.activation or "relu"
     if activation != "relu":
@@ -237,16 +279,48 @@ class MetaTrainer:
         seed_everything(self.config.seed)
         self.module = build_network(self.config).to(self.device)
         self.network = FunctionalModel(self.module)
-        self.theta = {k: v.requires_grad_() for k, v in self.network.initial_params().items()}
-        mdist.broadcast_([t.detach() for t in self.theta.values()], ctx)
-        self.optimizer = torch.optim.Adam(self.theta.values(), lr=self.config.meta_lr)
         self.objective = MetaObjective(self.network, task_type_of(self.config.task), self.config.algorithm_config(),
                                        use_vmap=self.config.use_vmap)
+        self.theta = {k: v.requires_grad_() for k, v in self.objective.meta_parameters().items()}
+        mdist.broadcast_([t.detach() for t in self.theta.values()], ctx)
+        self.optimizer = torch.optim.Adam(self.theta.values(), lr=self.config.meta_lr)
         # The task sampler's own generator (CPU): its state goes into every checkpoint.
         self.generator = torch.Generator().manual_seed(self.config.seed + 1)
         self.iteration = 0
         self.train_seconds = 0.0
         self.history: list[dict[str, float]] = []
+        self.pretrained = self.config.pretrain_epochs == 0
+        self.pretrain_stats: dict[str, Any] | None = None
+        #: The pre-trained classifier (the supervised baseline) when this process ran :meth:`pretrain`
+        #: (not checkpointed): lets a caller score the starting point on the same episodes.
+        self.pretrained_model: torch.nn.Module | None = None
+
+    def pretrain(self, *, progress: bool = False) -> None:
+        """Initialise the feature extractor with the supervised baseline's training (once).
+
+        Trains :func:`~applications.meta_learning.baseline.train_baseline` (all training
+        classes, augmented, ``pretrain_epochs`` epochs, the run's seed and width) and copies its
+        ``encoder.*`` weights into ``theta``; the head stays as initialised (a prototype head is
+        set per task anyway). The time counts as training time.
+        """
+        if not isinstance(self.tasks, OmniglotTasks):
+            raise ValueError("pre-training needs Omniglot tasks")
+        start = time.perf_counter()
+        if self.ctx.is_main:
+            model, stats = train_baseline(self.tasks.images, BaselineConfig(epochs=self.config.pretrain_epochs,
+                                          seed=self.config.seed, hidden=self.config.hidden, augment=True),
+                                          device=self.device, rotations=self.tasks.rotations, progress=progress)
+            self.pretrained_model = model
+            encoder = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+            self.pretrain_stats = {k: stats[k] for k in ("wall_time_s", "num_classes", "final_loss",
+                                                         "final_train_accuracy")}
+            with torch.no_grad():
+                for k, v in self.theta.items():
+                    if k in encoder:
+                        v.copy_(encoder[k])
+        mdist.broadcast_([t.detach() for t in self.theta.values()], self.ctx)
+        self.pretrained = True
+        self.train_seconds += time.perf_counter() - start
 
     # -- one meta-iteration -------------------------------------------------------------
     def meta_gradient(self, episode) -> dict[str, float]:
@@ -284,6 +358,9 @@ class MetaTrainer:
         """One meta-iteration; raises :class:`NonFiniteMetaLossError` (before updating) on NaN/inf."""
         t0 = time.perf_counter()
         episode = self.tasks.sample(self.config.meta_batch, self.generator)
+        if self.config.augment:
+            episode = episode._replace(x_support=random_affine(episode.x_support, self.generator),
+                                       x_query=random_affine(episode.x_query, self.generator))
         self.optimizer.zero_grad(set_to_none=False)
         try:
             sums = self.meta_gradient(episode)
@@ -333,6 +410,9 @@ class MetaTrainer:
             bar = tqdm(total=target, initial=self.iteration, desc=f"{self.config.algorithm} {self.config.task}",
                        dynamic_ncols=True)
         metric_name = "acc" if self.objective.task_type == "classification" else "mse"
+        if not self.pretrained:
+            self.pretrain(progress=progress and self.ctx.is_main)
+            self.save()  # the pre-trained start is not lost if meta-training is interrupted
         try:
             while self.iteration < target:
                 record = self.step()
@@ -366,12 +446,14 @@ class MetaTrainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": capture_rng_state(self.generator),
             "history": list(self.history),
+            "pretrained": self.pretrained,
+            "pretrain_stats": self.pretrain_stats,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (the configuration must describe the same model)."""
         saved = TrainConfig.from_dict(state["config"])
-        for name in ("task", "ways", "hidden", "activation", "algorithm"):
+        for name in ("task", "ways", "hidden", "activation", "algorithm", "head"):
             if getattr(saved, name) != getattr(self.config, name):
                 raise ValueError(f"checkpoint was trained with {name}={getattr(saved, name)!r}, "
                                  f"this run has {name}={getattr(self.config, name)!r}")
@@ -383,6 +465,8 @@ class MetaTrainer:
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.history = list(state["history"])
+        self.pretrained = bool(state.get("pretrained", True))
+        self.pretrain_stats = state.get("pretrain_stats")
 
     @property
     def checkpoint_path(self) -> Path | None:
