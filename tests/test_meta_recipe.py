@@ -337,3 +337,29 @@ def test_comparison_table_names_the_recipe():
     assert "(meta-learners: prototype head, 1 pre-training epochs, augmented tasks)" in table
     assert "| imaml-gd | accuracy 97.00% +- 0.30% | 600 | 700 s |" in table
     assert "meta-learners" not in format_table(rows, TrainConfig(ways=3).resolved())
+
+
+def test_command_line_defaults_for_omniglot_are_the_recipe():
+    from applications.meta_learning.cli import build_parser, config_from_args
+    from applications.meta_learning.presets import OMNIGLOT_RECIPE
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["train", *argv]))
+
+    plain = config("--ways", "20")
+    assert {k: getattr(plain, k) for k in OMNIGLOT_RECIPE} == OMNIGLOT_RECIPE and plain.ways == 20
+    assert config("--lam", "3").lam == 3.0  # explicit flags win
+    paper = config("--preset", "paper-5way-1shot")  # a preset replaces the recipe: the paper's values
+    assert (paper.head, paper.pretrain_epochs, paper.augment, paper.lam, paper.meta_solver) == (
+        "linear", 0, False, 2.0, "cg")
+    assert config("--task", "sinusoid").head == "linear"  # no recipe outside Omniglot
+
+
+def test_fallback_to_sinusoid_keeps_only_flags_that_apply(tmp_path, monkeypatch, capsys):
+    from applications.meta_learning import cli
+
+    monkeypatch.setattr(cli, "resolve_omniglot_root", lambda path: None)
+    args = cli.build_parser().parse_args(["train", "--preset", "quick", "--hidden", "8", "--seed", "4"])
+    config = cli._omniglot_or_fallback(cli.config_from_args(args), args)
+    assert (config.task, config.head, config.pretrain_epochs, config.seed, config.hidden) == ("sinusoid", "linear", 0, 4, 40)
+    assert "Running the sinusoid regression task instead" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from .data import (
 )
 from .evaluation import MIN_PAPER_EPISODES, evaluate
 from .learner import MetaLearner
-from .presets import PRESETS, apply_preset
+from .presets import OMNIGLOT_RECIPE, PRESETS, apply_preset
 from .trainer import (
     CHECKPOINT_NAME,
     TASK_HEADS,
@@ -146,11 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 _CONFIG_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the preset, then explicit flags; validated."""
+def _explicit_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration fields given on the command line."""
     values: dict[str, Any] = {}
-    if args.preset:
-        values.update(apply_preset(args.preset))
     for key in _CONFIG_KEYS:
         arg = "vmap" if key == "use_vmap" else key
         value = getattr(args, arg, None)
@@ -158,14 +156,41 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             values[key] = value
     if values.get("check_optimality") == "off":
         values["check_optimality"] = None
+    return values
+
+
+def _validated(values: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig(**values).resolved()
     except ValueError as err:
         raise UsageError(str(err)) from err
 
 
-def _omniglot_or_fallback(config: TrainConfig) -> TrainConfig:
-    """Switch to the sinusoid task (with a message) when no Omniglot data is found anywhere."""
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset (for Omniglot without one: :data:`~.presets.OMNIGLOT_RECIPE`), then explicit flags; validated.
+
+    Fields neither names take :class:`~.trainer.TrainConfig`'s defaults (the paper's).
+    """
+    flags = _explicit_flags(args)
+    values: dict[str, Any] = {}
+    if args.preset:
+        values.update(apply_preset(args.preset))
+    elif flags.get("task", "omniglot") == "omniglot":
+        values.update(OMNIGLOT_RECIPE)
+    values.update(flags)
+    return _validated(values)
+
+
+#: Fields that only mean something for Omniglot (dropped when falling back to the sinusoid task).
+_OMNIGLOT_ONLY = ("shots", "queries", "meta_batch", "hidden", "activation", "inner_steps", "data", "head",
+                  "pretrain_epochs", "augment")
+
+
+def _omniglot_or_fallback(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """Switch to the sinusoid task (with a message) when no Omniglot data is found anywhere.
+
+    The sinusoid run keeps only the explicit flags that apply to it (no preset, no recipe).
+    """
     if config.task != "omniglot":
         return config
     root = resolve_omniglot_root(config.data)  # raises FileNotFoundError for an explicit bad path
@@ -175,9 +200,8 @@ def _omniglot_or_fallback(config: TrainConfig) -> TrainConfig:
           f"Get the archives images_background.zip / images_evaluation.zip from the dataset authors' repository "
           f"{OMNIGLOT_SOURCE_URL} (python/ folder) and pass --data DIR.\n"
           "Running the sinusoid regression task instead.", file=sys.stderr)
-    return TrainConfig(**{**config.to_dict(), "task": "sinusoid", "shots": None, "queries": None, "meta_batch": None,
-                          "hidden": None, "activation": None, "inner_steps": None,
-                          "data": None, "head": "linear", "pretrain_epochs": 0, "augment": False}).resolved()
+    flags = {k: v for k, v in _explicit_flags(args).items() if k not in _OMNIGLOT_ONLY}
+    return _validated({**flags, "task": "sinusoid"})
 
 
 def _print_json(obj: dict) -> None:
@@ -185,7 +209,7 @@ def _print_json(obj: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = _omniglot_or_fallback(config_from_args(args))
+    config = _omniglot_or_fallback(config_from_args(args), args)
     device = torch.device(args.device)
     ctx = mdist.init_distributed(device)
     output = Path(args.output)
@@ -253,7 +277,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    config = _omniglot_or_fallback(config_from_args(args))
+    config = _omniglot_or_fallback(config_from_args(args), args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     overrides: dict[str, dict[str, Any]] = {}
     for method in ("maml", "fomaml"):

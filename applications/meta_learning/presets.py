@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PAPER_OMNIGLOT", "PAPER_RESULTS", "PRESETS", "default_inner_steps", "default_queries", "apply_preset"]
+__all__ = ["OMNIGLOT_RECIPE", "PAPER_OMNIGLOT", "PAPER_RESULTS", "PRESETS", "default_inner_steps", "default_queries", "apply_preset"]
 
 #: The paper's Omniglot hyperparameters (what our defaults follow).
 PAPER_OMNIGLOT: dict[str, Any] = {
@@ -55,28 +55,40 @@ def default_queries(task: str, ways: int, shots: int) -> int:
     return max(1, min(15 if ways <= 5 else 5, 20 - shots))
 
 
+#: The recipe that beats the supervised baseline on the bundled data (docs: "The recipe for
+#: small data", "Results"): start from the baseline's features (15 epochs of augmented supervised
+#: pre-training), give every task a cosine head set to its support prototypes, and meta-train the
+#: whole network on augmented tasks; a small meta learning rate fine-tunes rather than relearns.
+#: Measured (2-core CPU, 600 held-out episodes): 97.08% 5-way 1-shot, 91.09% 20-way 1-shot.
+#: The command line uses it for Omniglot when no preset is named; TrainConfig's own defaults
+#: stay the paper's.
+OMNIGLOT_RECIPE: dict[str, Any] = {
+    "head": "prototype",
+    "pretrain_epochs": 15,
+    "augment": True,
+    "lam": 1.0,
+    "inner_steps": 5,
+    "inner_lr": 0.5,
+    "meta_solver": "minres",
+    "meta_batch": 8,
+    "meta_lr": 5e-4,
+    "iterations": 400,
+    "checkpoint_every": 50,
+}
+
 #: Named presets: overrides of the training configuration.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The README's main job: the recipe (below) with a quarter of its meta-iterations, a few
-    # minutes on a 2-core CPU; prints the pre-trained start (the supervised baseline) and the
-    # meta-trained result on the same 600 held-out episodes.
+    # The README's main job: the recipe with a quarter of its meta-iterations, a few minutes on
+    # a 2-core CPU; prints the pre-trained start (the supervised baseline) and the meta-trained
+    # result on the same 600 held-out episodes.
     "quick": {
         "task": "omniglot",
         "ways": 5,
         "shots": 1,
-        "head": "prototype",
-        "pretrain_epochs": 15,
-        "augment": True,
-        "lam": 1.0,
-        "inner_steps": 5,
-        "inner_lr": 0.5,
-        "meta_solver": "minres",
-        "meta_batch": 8,
-        "meta_lr": 5e-4,
+        **OMNIGLOT_RECIPE,
         "iterations": 100,
         "use_vmap": False,
         "checkpoint_every": 25,
-        "eval_episodes": 600,
     },
     # The paper's setting (random start, meta-learned linear head) scaled down to one minute of
     # a 2-core CPU: half-width CNN, batched tasks, fewer inner steps.
@@ -113,45 +125,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iterations": 500,
         "eval_episodes": 600,
     },
-    # The recipe that beats the supervised baseline on the bundled data (docs: "Results"): start
-    # from the baseline's features (15 epochs of augmented supervised pre-training), give every
-    # task a cosine head set to its support prototypes, and meta-train the whole network with
-    # iMAML on augmented tasks; a small meta learning rate fine-tunes rather than relearns.
-    "recipe-5way-1shot": {
-        "task": "omniglot",
-        "ways": 5,
-        "shots": 1,
-        "head": "prototype",
-        "pretrain_epochs": 15,
-        "augment": True,
-        "lam": 1.0,
-        "inner_steps": 5,
-        "inner_lr": 0.5,
-        "meta_solver": "minres",
-        "meta_batch": 8,
-        "meta_lr": 5e-4,
-        "iterations": 400,
-        "checkpoint_every": 50,
-        "eval_episodes": 600,
-    },
-    "recipe-20way-1shot": {
-        "task": "omniglot",
-        "ways": 20,
-        "shots": 1,
-        "head": "prototype",
-        "pretrain_epochs": 15,
-        "augment": True,
-        "lam": 1.0,
-        "inner_steps": 5,
-        "inner_lr": 0.5,
-        "meta_solver": "minres",
-        "meta_batch": 8,
-        "meta_lr": 5e-4,
-        "iterations": 400,
-        "checkpoint_every": 50,
-        "eval_episodes": 600,
-    },
-    # The paper's 5-way 1-shot setting (a GPU job).
+    "recipe-5way-1shot": {"task": "omniglot", "ways": 5, "shots": 1, **OMNIGLOT_RECIPE},
+    "recipe-20way-1shot": {"task": "omniglot", "ways": 20, "shots": 1, **OMNIGLOT_RECIPE},
+    # The paper's settings (a GPU job): TrainConfig's own defaults, 30000 meta-iterations.
     "paper-5way-1shot": {"task": "omniglot", "ways": 5, "shots": 1, "iterations": 30000},
     "paper-20way-1shot": {"task": "omniglot", "ways": 20, "shots": 1, "iterations": 30000},
 }
