@@ -403,6 +403,9 @@ class MetaTrainer:
         meta-loss the last good checkpoint is kept and :class:`NonFiniteMetaLossError` raised.
         """
         target = self.config.iterations if iterations is None else iterations
+        if not self.pretrained:
+            self.pretrain(progress=progress and self.ctx.is_main)
+            self.save()  # the pre-trained start is not lost if meta-training is interrupted
         bar = None
         if progress and self.ctx.is_main:
             from tqdm.auto import tqdm
@@ -410,9 +413,6 @@ class MetaTrainer:
             bar = tqdm(total=target, initial=self.iteration, desc=f"{self.config.algorithm} {self.config.task}",
                        dynamic_ncols=True)
         metric_name = "acc" if self.objective.task_type == "classification" else "mse"
-        if not self.pretrained:
-            self.pretrain(progress=progress and self.ctx.is_main)
-            self.save()  # the pre-trained start is not lost if meta-training is interrupted
         try:
             while self.iteration < target:
                 record = self.step()
