@@ -363,3 +363,21 @@ def test_fallback_to_sinusoid_keeps_only_flags_that_apply(tmp_path, monkeypatch,
     config = cli._omniglot_or_fallback(cli.config_from_args(args), args)
     assert (config.task, config.head, config.pretrain_epochs, config.seed, config.hidden) == ("sinusoid", "linear", 0, 4, 40)
     assert "Running the sinusoid regression task instead" in capsys.readouterr().err
+
+
+def test_cli_trains_and_scores_the_baseline_alone(tmp_path, monkeypatch, capsys):
+    from test_meta_training import _fake_omniglot
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = _fake_omniglot(tmp_path / "omniglot", n_drawers=5)
+    out = tmp_path / "base"
+    assert main(["train", "--algorithm", "baseline", "--data", str(root), "--ways", "3", "--queries", "2",
+                 "--hidden", "8", "--pretrain-epochs", "2", "--eval-episodes", "20", "--no-progress",
+                 "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"]["epochs"] == 2 and summary["test"]["n_episodes"] == 20
+    assert summary["test"]["accuracy"] > 1 / 3 + 0.1  # learnable synthetic characters: clearly above chance
+    assert (out / "baseline.pt").stat().st_size > 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["train", "--algorithm", "baseline", "--task", "sinusoid", "--output", str(out)]) == 2
+    assert "needs the Omniglot data" in capsys.readouterr().err

@@ -29,7 +29,8 @@ import torch
 
 from . import distributed as mdist
 from .algorithms import ALGORITHMS
-from .baseline import evaluate_baseline
+from .baseline import BaselineConfig, evaluate_baseline, train_baseline
+from .checkpoint import save_checkpoint
 from .comparison import METHODS, compare, evaluation_seed, format_table
 from .data import (
     OMNIGLOT_ENV_VAR,
@@ -72,7 +73,8 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queries", type=int, help="query examples per class (default 15 for 5-way, 5 for 20-way)")
     g.add_argument("--data", help=f"Omniglot location (else ${OMNIGLOT_ENV_VAR}, else ../shared/data/omniglot)")
     g = p.add_argument_group("algorithm")
-    g.add_argument("--algorithm", choices=ALGORITHMS)
+    g.add_argument("--algorithm", choices=(*ALGORITHMS, "baseline"),
+                   help="meta-learner, or (train only) the supervised pre-training baseline")
     g.add_argument("--inner-solver", choices=("gd", "hf"), help="gradient descent or Hessian-free Newton-CG")
     g.add_argument("--lam", type=float, help="iMAML proximal strength (paper: 2.0)")
     g.add_argument("--inner-steps", type=int, help="inner GD / Newton steps (paper: 16 for 5-way, 25 for 20-way)")
@@ -208,7 +210,38 @@ def _print_json(obj: dict) -> None:
     print(json.dumps(obj, indent=1))
 
 
+def _train_baseline(args: argparse.Namespace) -> int:
+    """``train --algorithm baseline``: the supervised baseline on the run's split, scored on its test episodes."""
+    config = config_from_args(argparse.Namespace(**{**vars(args), "algorithm": None}))
+    if config.task != "omniglot" or resolve_omniglot_root(config.data) is None:
+        raise UsageError("--algorithm baseline is an Omniglot classifier and needs the Omniglot data "
+                         f"(--data, ${OMNIGLOT_ENV_VAR} or ../shared/data/omniglot)")
+    config = dataclasses.replace(config, data=str(resolve_omniglot_root(config.data)))
+    splits = build_task_splits(config)
+    # the recipe's pre-training length when it has one, else the baseline's default
+    kw = {"epochs": config.pretrain_epochs} if config.pretrain_epochs > 0 else {}
+    bcfg = BaselineConfig(seed=config.seed, hidden=config.hidden, **kw)
+    model, stats = train_baseline(splits["train"].images, bcfg, device=args.device, progress=not args.no_progress)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(output / "baseline.pt", {"config": config.to_dict(), "baseline": dataclasses.asdict(bcfg),
+                                             "model": model.state_dict()})
+    summary: dict[str, Any] = {"config": config.to_dict(), "baseline": dataclasses.asdict(bcfg),
+                               "train_seconds": stats["wall_time_s"], "final_train_accuracy": stats["final_train_accuracy"]}
+    if not args.no_eval:
+        episodes = fixed_episodes(splits["test"], config.eval_episodes, seed=evaluation_seed(config))
+        result = evaluate_baseline(model, episodes, head=bcfg.head, device=args.device)
+        summary["test"] = {k: result[k] for k in ("accuracy", "ci95", "n_episodes", "head")}
+        print(f"test accuracy {100 * result['accuracy']:.2f}% +- {100 * result['ci95']:.2f}% "
+              f"({result['n_episodes']} episodes)  (training {stats['wall_time_s']:.0f} s)")
+    (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"outputs in {output}/: baseline.pt, summary.json")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.algorithm == "baseline":
+        return _train_baseline(args)
     config = _omniglot_or_fallback(config_from_args(args), args)
     device = torch.device(args.device)
     ctx = mdist.init_distributed(device)
@@ -293,8 +326,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         overrides[method] = o
     baseline_config = None
     if "baseline" in methods:
-        from .baseline import BaselineConfig
-
         kw: dict[str, Any] = {"seed": config.seed, "hidden": config.hidden}
         if args.baseline_epochs is not None:
             kw["epochs"] = args.baseline_epochs
