@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as nnf
+from test_meta_algorithms import _flat, _unflat
 
 import implicitdiff as idiff
 from applications.meta_learning.algorithms import (
@@ -47,18 +48,6 @@ class TinyProtoNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x).flatten(1))
-
-
-def _flat(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([v.reshape(-1) for v in params.values()])
-
-
-def _unflat(vec: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for k, v in like.items():
-        out[k] = vec[i:i + v.numel()].view_as(v)
-        i += v.numel()
-    return out
 
 
 def _batch(n_tasks: int, seed: int):
@@ -381,3 +370,20 @@ def test_cli_trains_and_scores_the_baseline_alone(tmp_path, monkeypatch, capsys)
     assert "test accuracy" in capsys.readouterr().out
     assert main(["train", "--algorithm", "baseline", "--task", "sinusoid", "--output", str(out)]) == 2
     assert "needs the Omniglot data" in capsys.readouterr().err
+
+
+def test_compare_trains_the_shared_supervised_start_once(tmp_path, monkeypatch):
+    from applications.meta_learning import comparison
+    from applications.meta_learning.data import OmniglotCharacters
+
+    calls = []
+    real = comparison.train_baseline
+    monkeypatch.setattr(comparison, "train_baseline", lambda *a, **k: calls.append(k) or real(*a, **k))
+    images = torch.rand(20, 5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    characters = OmniglotCharacters(images, [f"a/c{i:02d}" for i in range(20)])
+    config = _tiny_recipe(pretrain_epochs=2, iterations=1, eval_episodes=4)
+    rows = comparison.compare(config, ["imaml", "baseline", "fomaml"], tmp_path, progress=False,
+                              baseline_config=BaselineConfig(epochs=2, seed=0, hidden=8), characters=characters)
+    assert len(calls) == 1  # one supervised training for the baseline row and both pre-trained starts
+    base_seconds = rows[1]["train_seconds"]
+    assert rows[0]["train_seconds"] >= base_seconds and rows[2]["train_seconds"] >= base_seconds

@@ -3,8 +3,8 @@
 Modules: :mod:`.inner_solvers` (GD, Newton-CG), :mod:`.algorithms` (the meta-objective),
 :mod:`.trainer` (training loop, checkpoints), :mod:`.evaluation`, :mod:`.learner`
 (:class:`MetaLearner`: load, adapt, predict), :mod:`.comparison`, :mod:`.distributed`,
-:mod:`.presets`, :mod:`.cli`; data, models and the supervised baseline in :mod:`.data`,
-:mod:`.models`, :mod:`.baseline`.
+:mod:`.presets`, :mod:`.cli`; data, models, augmentation and the supervised baseline in :mod:`.data`,
+:mod:`.models`, :mod:`.augmentation`, :mod:`.baseline`.
 
 Examples
 --------

@@ -213,10 +213,11 @@ def _print_json(obj: dict) -> None:
 def _train_baseline(args: argparse.Namespace) -> int:
     """``train --algorithm baseline``: the supervised baseline on the run's split, scored on its test episodes."""
     config = config_from_args(argparse.Namespace(**{**vars(args), "algorithm": None}))
-    if config.task != "omniglot" or resolve_omniglot_root(config.data) is None:
+    root = resolve_omniglot_root(config.data) if config.task == "omniglot" else None
+    if root is None:
         raise UsageError("--algorithm baseline is an Omniglot classifier and needs the Omniglot data "
                          f"(--data, ${OMNIGLOT_ENV_VAR} or ../shared/data/omniglot)")
-    config = dataclasses.replace(config, data=str(resolve_omniglot_root(config.data)))
+    config = dataclasses.replace(config, data=str(root))
     splits = build_task_splits(config)
     # the recipe's pre-training length when it has one, else the baseline's default
     kw = {"epochs": config.pretrain_epochs} if config.pretrain_epochs > 0 else {}

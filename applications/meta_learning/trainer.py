@@ -51,7 +51,7 @@ from .presets import (
     default_queries,
 )
 
-__all__ = ["TrainConfig", "MetaTrainer", "NonFiniteMetaLossError", "build_task_splits", "build_network", "CHECKPOINT_NAME"]
+__all__ = ["TrainConfig", "MetaTrainer", "pretraining_config", "NonFiniteMetaLossError", "build_task_splits", "build_network", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRIC_FIELDS = ("iteration", "meta_loss", "metric", "inner_residual", "inner_unsolved", "backward_failed", "seconds")
@@ -215,6 +215,17 @@ def build_network(config: TrainConfig) -> torch.nn.Module:
     return net
 
 
+def pretraining_config(config: TrainConfig) -> BaselineConfig:
+    """The supervised training that ``pretrain_epochs`` runs: the baseline's, augmented, with the run's seed and width.
+
+    Examples
+    --------
+    >>> pretraining_config(TrainConfig(pretrain_epochs=15, seed=3).resolved()).epochs
+    15
+    """
+    return BaselineConfig(epochs=config.pretrain_epochs, seed=config.seed, hidden=config.hidden, augment=True)
+
+
 def build_task_splits(config: TrainConfig, characters=None) -> dict[str, OmniglotTasks | SinusoidTasks]:
     """Task samplers for ``"train"``, ``"val"``, ``"test"``.
 
@@ -295,21 +306,26 @@ class MetaTrainer:
         #: (not checkpointed): lets a caller score the starting point on the same episodes.
         self.pretrained_model: torch.nn.Module | None = None
 
-    def pretrain(self, *, progress: bool = False) -> None:
+    def pretrain(self, *, progress: bool = False, pretrained: tuple[OmniglotCNN, dict] | None = None) -> None:
         """Initialise the feature extractor with the supervised baseline's training (once).
 
-        Trains :func:`~applications.meta_learning.baseline.train_baseline` (all training
-        classes, augmented, ``pretrain_epochs`` epochs, the run's seed and width) and copies its
-        ``encoder.*`` weights into ``theta``; the head stays as initialised (a prototype head is
-        set per task anyway). The time counts as training time.
+        Trains :func:`~applications.meta_learning.baseline.train_baseline` on the training
+        tasks' images with :func:`pretraining_config` and copies its ``encoder.*`` weights into
+        ``theta``; the head stays as initialised (a prototype head is set per task anyway).
+        ``pretrained`` takes the ``(model, stats)`` of that same training when the caller
+        already has it (``compare`` shares it with the baseline row); either way its wall time
+        counts as this run's training time.
         """
         if not isinstance(self.tasks, OmniglotTasks):
             raise ValueError("pre-training needs Omniglot tasks")
-        start = time.perf_counter()
+        start, reused_seconds = time.perf_counter(), 0.0
         if self.ctx.is_main:
-            model, stats = train_baseline(self.tasks.images, BaselineConfig(epochs=self.config.pretrain_epochs,
-                                          seed=self.config.seed, hidden=self.config.hidden, augment=True),
-                                          device=self.device, rotations=self.tasks.rotations, progress=progress)
+            if pretrained is None:
+                model, stats = train_baseline(self.tasks.images, pretraining_config(self.config), device=self.device,
+                                              rotations=self.tasks.rotations, progress=progress)
+            else:
+                model, stats = pretrained
+                reused_seconds = float(stats["wall_time_s"])
             self.pretrained_model = model
             encoder = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
             self.pretrain_stats = {k: stats[k] for k in ("wall_time_s", "num_classes", "final_loss",
@@ -320,7 +336,7 @@ class MetaTrainer:
                         v.copy_(encoder[k])
         mdist.broadcast_([t.detach() for t in self.theta.values()], self.ctx)
         self.pretrained = True
-        self.train_seconds += time.perf_counter() - start
+        self.train_seconds += time.perf_counter() - start + reused_seconds
 
     # -- one meta-iteration -------------------------------------------------------------
     def meta_gradient(self, episode) -> dict[str, float]:
