@@ -39,6 +39,9 @@ class SolveStatus(enum.IntEnum):
     NEGATIVE_CURVATURE = 3
     BREAKDOWN = 4
     NONFINITE = 5
+    DIVERGED = 6
+    LEAST_SQUARES = 7
+    STAGNATED = 8
 
     @property
     def ok(self) -> bool:
@@ -170,6 +173,15 @@ def report(info: SolveInfo, policy: FailurePolicy) -> None:
         SolveStatus.NEGATIVE_CURVATURE: "the operator is not positive definite: use MINRES or GMRES, "
         "or add damping (Levenberg-Marquardt style)",
         SolveStatus.BREAKDOWN: "the Krylov method broke down: try GMRES, damping, or Direct for small problems",
+        SolveStatus.DIVERGED: "the iteration diverges (its residual grew); for Neumann the series diverges: "
+        "step_size must be below 2 / lambda_max of the operator (for an objective, the largest Hessian "
+        "eigenvalue), or use CG / GMRES; raising maxiter makes it worse",
+        SolveStatus.LEAST_SQUARES: "the operator is singular and the right-hand side is not in its range, so no "
+        "solution exists; the result is a least-squares solution. Add damping for a regularized solution, or "
+        "check that the inner problem has an isolated (strict) solution",
+        SolveStatus.STAGNATED: "the residual stopped decreasing before meeting the tolerance: if the solver's own "
+        "estimate met it, the tolerance is below the accuracy attainable in this dtype for this operator (loosen "
+        "tol or work in float64); for restarted GMRES raise restart",
     }.get(info.status, "")
     text = info.describe() + (f"; {hint}" if hint else "")
     if policy == "raise":
