@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from applications.meta_learning.models import OmniglotCNN, SinusoidMLP, build_model
+import applications.meta_learning.models as models
+from applications.meta_learning.models import BatchStatNorm2d, OmniglotCNN, SinusoidMLP, batch_norm_by_hand, build_model
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # fixture in conftest.py
@@ -85,6 +86,50 @@ def test_vmap_over_tasks_with_functional_call_equals_loop():
         single = grad(loss)({k: v[t] for k, v in task_params.items()}, x[t], y[t])
         for k in params:
             assert torch.allclose(batched_grads[k][t], single[k], atol=1e-5), k
+
+
+def test_batch_stat_norm_computes_statistics_by_hand_only_under_vmap(monkeypatch):
+    """Fused kernel outside vmap, plain tensor ops under it (the fused one's second-order
+    derivatives are wrong under vmap); both are the same function, with the same parameters."""
+    torch.manual_seed(0)
+    norm = BatchStatNorm2d(3).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(4, 6, 3, 5, 5, dtype=torch.float64)
+    calls = []
+    by_hand = models.batch_norm_by_hand
+    monkeypatch.setattr(models, "batch_norm_by_hand", lambda *a: calls.append(1) or by_hand(*a))
+
+    looped = torch.stack([norm(t) for t in x])
+    assert calls == []
+    fused = F.batch_norm(x[0], None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+    torch.testing.assert_close(by_hand(x[0], norm.weight, norm.bias, norm.eps), fused, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(looped[0], fused, rtol=0, atol=0)
+
+    params = dict(norm.named_parameters())
+    batched = vmap(lambda xs: functional_call(norm, params, (xs,)))(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
+    # per-task parameters (as after adaptation) are batched too, and take the same path
+    task_params = {k: v.expand(4, *v.shape) for k, v in params.items()}
+    vmap(lambda p, xs: functional_call(norm, p, (xs,)), in_dims=(0, None))(task_params, x[0])
+    assert len(calls) == 2
+    # inside grad (no vmap) the fused kernel stays
+    grad(lambda p: functional_call(norm, p, (x[0],)).pow(2).sum())(params)
+    assert len(calls) == 2
+
+
+def test_batch_stat_norm_is_a_batch_norm_with_the_same_state_dict():
+    """Checkpoints written with the plain BatchNorm2d(track_running_stats=False) load unchanged."""
+    plain = torch.nn.BatchNorm2d(4, track_running_stats=False)
+    ours = BatchStatNorm2d(4)
+    assert isinstance(ours, torch.nn.BatchNorm2d) and not ours.track_running_stats
+    assert ours.state_dict().keys() == plain.state_dict().keys() == {"weight", "bias"}
+    ours.load_state_dict(plain.state_dict())
+    assert list(ours.buffers()) == []
+    with pytest.raises(ValueError, match=r"expects input \[batch, channels, height, width\]"):
+        ours(torch.randn(3, 4))
 
 
 def test_sinusoid_mlp_shapes_and_vmap():

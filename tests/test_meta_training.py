@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from applications.meta_learning.checkpoint import load_checkpoint, save_checkpoint
+from applications.meta_learning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from applications.meta_learning.cli import main
 from applications.meta_learning.data import SinusoidTasks
 from applications.meta_learning.learner import MetaLearner
@@ -190,3 +191,132 @@ def test_cli_compare_writes_one_table(tmp_path, monkeypatch):
         assert f"| {name}" in table
     results = json.loads((out / "comparison.json").read_text())["results"]
     assert len(results) == 4 and all(r["n_episodes"] == 6 and math.isfinite(r["mean"]) for r in results)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints that cannot be loaded: one clear error naming the file, nothing overwritten
+# --------------------------------------------------------------------------------------
+def _snapshot(folder):
+    """Every file under ``folder``: relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _sinusoid_cli(out, *extra):
+    return ["train", "--task", "sinusoid", "--meta-batch", "2", "--inner-steps", "2", "--inner-lr", "0.01",
+            "--checkpoint-every", "1", "--no-eval", "--no-progress", "--output", str(out), *extra]
+
+
+@pytest.mark.parametrize("cut", ["last 10 bytes", "half"])
+def test_cli_resume_from_truncated_checkpoint_names_it_and_changes_nothing(tmp_path, capsys, cut):
+    out = tmp_path / "run"
+    assert main(_sinusoid_cli(out, "--iterations", "2")) == 0
+    checkpoint = out / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    # "last 10 bytes" is the reported case: torch.load raised OSError [Errno 22] after a 9-frame traceback
+    checkpoint.write_bytes(data[:-10] if cut == "last 10 bytes" else data[: len(data) // 2])
+    before = _snapshot(out)
+    capsys.readouterr()
+
+    assert main(_sinusoid_cli(out, "--iterations", "4", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint ") and str(checkpoint) in err
+    assert "is truncated or corrupt" in err and "start afresh" in err and "Traceback" not in err
+    assert _snapshot(out) == before  # the broken checkpoint and every other file untouched, nothing added
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"", "is empty (0 bytes)"),
+        (bytes(range(7, 250)) * 3, "is corrupt or not a checkpoint at all"),
+        (json.dumps({"iteration": 3, "theta": {}}).encode(), "is not a PyTorch checkpoint: it holds JSON or text"),
+        ("torch", "is corrupt or not a checkpoint at all"),  # a real checkpoint with its first half cut off
+        ({"config": {}, "theta": {}}, "lacks the entries ['iteration', 'optimizer', 'rng', 'history']"),
+        ([1, 2, 3], "it holds a list, not a dictionary"),
+    ],
+    ids=["empty", "random-bytes", "json", "tail-only", "missing-keys", "not-a-dict"],
+)
+def test_resume_rejects_every_unloadable_checkpoint_with_one_clear_error(tmp_path, content, fragment):
+    cfg = _sinusoid_config()
+    path = tmp_path / "checkpoint.pt"
+    if content == "torch":
+        save_checkpoint(path, MetaTrainer(cfg, SinusoidTasks(shots=10, queries=10)).state_dict())
+        path.write_bytes(path.read_bytes()[len(path.read_bytes()) // 2:])
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    before = _snapshot(tmp_path)
+    trainer = MetaTrainer(cfg, SinusoidTasks(shots=10, queries=10), output_dir=tmp_path)
+    theta = {k: v.detach().clone() for k, v in trainer.theta.items()}
+    with pytest.raises(CheckpointError, match=re.escape(fragment)) as info:
+        trainer.resume()
+    assert str(path) in str(info.value) and "start afresh" in str(info.value)
+    assert isinstance(info.value, ValueError)  # reported by the CLI like other bad input
+    assert _snapshot(tmp_path) == before
+    assert trainer.iteration == 0 and all(torch.equal(trainer.theta[k], theta[k]) for k in theta)
+
+
+def test_load_state_dict_checks_everything_before_changing_anything(tmp_path):
+    cfg = _sinusoid_config()
+    source = MetaTrainer(cfg, SinusoidTasks(shots=10, queries=10))
+    source.train(1, progress=False)
+    trainer = MetaTrainer(cfg, SinusoidTasks(shots=10, queries=10))
+    theta = {k: v.detach().clone() for k, v in trainer.theta.items()}
+    state = source.state_dict()
+    bad_shape = {**state, "theta": {**state["theta"], "net.0.weight": torch.zeros(3, 1)}}
+    with pytest.raises(CheckpointError, match=r"parameter 'net.0.weight' of shape \(3, 1\)"):
+        trainer.load_state_dict(bad_shape)
+    missing_param = {**state, "theta": {k: v for k, v in state["theta"].items() if k != "net.4.bias"}}
+    with pytest.raises(CheckpointError, match="holds the parameters"):
+        trainer.load_state_dict(missing_param)
+    no_generator = {**state, "rng": {k: v for k, v in state["rng"].items() if k != "generator"}}
+    with pytest.raises(CheckpointError, match=r"random-number states \['generator'\]"):
+        trainer.load_state_dict(no_generator)
+    assert trainer.iteration == 0 and all(torch.equal(trainer.theta[k], theta[k]) for k in theta)
+    assert trainer.optimizer.state_dict()["state"] == {}
+
+
+def test_unreadable_checkpoint_says_so(tmp_path, monkeypatch):
+    import applications.meta_learning.checkpoint as ckpt
+
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"iteration": 1})
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ckpt, "open", denied, raising=False)  # (chmod does not stop root)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint.pt cannot be read \(Permission denied\)"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cli_evaluate_names_a_bad_checkpoint_without_traceback(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint = out / "checkpoint.pt"
+    save_checkpoint(checkpoint, MetaTrainer(_sinusoid_config(), SinusoidTasks(shots=10, queries=10)).state_dict())
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-10])
+    before = _snapshot(out)
+    assert main(["evaluate", "--checkpoint", str(out), "--episodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: meta-training checkpoint {checkpoint} is truncated or corrupt")
+    assert "Pass another checkpoint" in err and "Traceback" not in err
+    assert _snapshot(out) == before  # no evaluation.json written
+
+    # the supervised baseline's baseline.pt is a checkpoint, but not one evaluate can use: say which it is
+    baseline = save_checkpoint(tmp_path / "base" / "baseline.pt",
+                               {"config": _sinusoid_config().to_dict(), "baseline": {}, "model": {}})
+    assert main(["evaluate", "--checkpoint", str(baseline), "--episodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"meta-training checkpoint {baseline} lacks the entries ['theta']" in err
+    assert "supervised-baseline checkpoint (baseline.pt" in err and "Traceback" not in err
+
+
+def test_learner_rejects_a_checkpoint_whose_parameters_do_not_fit(tmp_path):
+    state = MetaTrainer(_sinusoid_config(), SinusoidTasks(shots=10, queries=10)).state_dict()
+    state["theta"]["net.0.weight"] = torch.zeros(5, 1)
+    path = save_checkpoint(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(CheckpointError, match=r"does not describe a usable model .*'net.0.weight' has shape \(5, 1\)"):
+        MetaLearner.load(path)

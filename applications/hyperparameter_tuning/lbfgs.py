@@ -1,8 +1,9 @@
 """High-precision minimization of a smooth function of a tensor dict with torch's L-BFGS.
 
 This is the off-the-shelf inner solver of the applications: it knows nothing about implicit
-differentiation. ``implicit_diff`` calls inner solvers under ``torch.no_grad``, so the gradient
-evaluations that L-BFGS needs re-enable autograd locally.
+differentiation. ``implicit_diff`` runs inner solvers with grad mode on, on detached copies of
+their arguments (nothing they do is recorded); the gradient evaluations that L-BFGS needs also
+enable autograd locally, so the solver works as well when called under ``torch.no_grad``.
 """
 
 from __future__ import annotations

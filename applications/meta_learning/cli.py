@@ -30,7 +30,7 @@ import torch
 from . import distributed as mdist
 from .algorithms import ALGORITHMS
 from .baseline import BaselineConfig, evaluate_baseline, train_baseline
-from .checkpoint import save_checkpoint
+from .checkpoint import CheckpointError, save_checkpoint
 from .comparison import METHODS, compare, evaluation_seed, format_table
 from .data import (
     OMNIGLOT_ENV_VAR,
@@ -343,7 +343,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; bad input exits with code 2 and a one-line message (no traceback)."""
+    """Entry point; bad input exits with code 2 and a one-line message (no traceback).
+
+    Bad input includes a checkpoint that cannot be loaded (``train --resume``, ``evaluate``):
+    the message names the file, what is wrong with it and what to do; nothing is written.
+    """
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -353,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare}
     try:
         return handlers[args.command](args)
-    except (UsageError, ValueError, FileNotFoundError) as err:
+    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as err:
+        # CheckpointError: an unreadable / truncated / corrupt / foreign checkpoint, named in the message
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .checkpoint import CheckpointError, load_checkpoint
+
 __all__ = [
     "OMNIGLOT_ENV_VAR",
     "OMNIGLOT_SOURCE_URL",
@@ -409,9 +411,10 @@ def load_omniglot(
         cache_file = folder / f"omniglot-{digest}.pt"
         if cache_file.is_file():
             try:
-                stored = torch.load(cache_file, map_location="cpu", weights_only=True)
+                stored = load_checkpoint(cache_file, required=("images", "names"), what="Omniglot cache",
+                                         weights_only=True)
                 return OmniglotCharacters(images=stored["images"], names=list(stored["names"]))
-            except Exception:  # a truncated/foreign file: rebuild it below
+            except (CheckpointError, TypeError, ValueError):  # a truncated/foreign file: rebuild it below
                 pass
     names, images = _read_characters(sources)
     if cache_file is not None:

@@ -15,11 +15,15 @@ import os
 import torch
 
 from .algorithms import FunctionalModel, MetaObjective, task_type_of
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, _first_line, load_checkpoint
 from .inner_solvers import Params
 from .trainer import TrainConfig, build_network
 
 __all__ = ["MetaLearner"]
+
+#: What to do about a checkpoint that cannot be loaded for evaluation / adaptation.
+LOAD_ADVICE = ("Pass another checkpoint (the checkpoint.pt in a 'train' output directory), "
+               "or re-create it by training again.")
 
 
 class MetaLearner:
@@ -54,14 +58,28 @@ class MetaLearner:
         missing = set(self.objective.meta_parameters()) - set(theta)
         if missing:
             raise ValueError(f"parameters {sorted(missing)} missing for a {self.config.task} model")
+        for k, v in self.objective.meta_parameters().items():
+            if tuple(getattr(theta[k], "shape", ())) != tuple(v.shape):
+                raise ValueError(f"parameter {k!r} has shape {tuple(getattr(theta[k], 'shape', ()))}, "
+                                 f"a {self.config.task} model's is {tuple(v.shape)}")
         self.theta = {k: v.detach().to(self.device) for k, v in theta.items()}
         self.adapted: Params | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> "MetaLearner":
-        """Load a training checkpoint (``<output dir>/checkpoint.pt``)."""
-        state = load_checkpoint(path)
-        return cls(TrainConfig.from_dict(state["config"]), state["theta"], device=device)
+        """Load a training checkpoint (``<output dir>/checkpoint.pt``).
+
+        Raises :class:`~.checkpoint.CheckpointError` (naming the file) for a file that is
+        unreadable, truncated or corrupt, not a checkpoint, or not a meta-training one.
+        """
+        state = load_checkpoint(path, required=("config", "theta"), what="meta-training checkpoint",
+                                advice=LOAD_ADVICE)
+        try:
+            config = TrainConfig.from_dict(state["config"])
+            return cls(config, state["theta"], device=device)
+        except (TypeError, ValueError, RuntimeError) as err:  # unknown fields, missing / misshapen parameters
+            raise CheckpointError(f"meta-training checkpoint {path} does not describe a usable model "
+                                  f"({_first_line(err)}). {LOAD_ADVICE}") from err
 
     def _check_inputs(self, x: torch.Tensor, what: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -8,7 +8,10 @@
 Both work under :func:`torch.func.functional_call` and :func:`torch.func.vmap`:
 batch norm always uses the statistics of the current batch (no running
 buffers), so a batch of tasks can be vmapped and each task is normalised with
-its own statistics.
+its own statistics. Under vmap the batch norm (:class:`BatchStatNorm2d`) computes
+those statistics with plain tensor ops, because the derivatives of torch's fused
+batch norm are wrong there at second order (MAML's meta-gradient was off by
+percents; outside vmap the fused kernel is exact and faster, and is used).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CosineHead", "HEADS", "OmniglotCNN", "SinusoidMLP", "build_model"]
+__all__ = ["BatchStatNorm2d", "batch_norm_by_hand", "CosineHead", "HEADS", "OmniglotCNN", "SinusoidMLP", "build_model"]
 
 #: Classifier heads of :class:`OmniglotCNN`.
 HEADS = ("linear", "cosine")
@@ -27,6 +30,72 @@ def _conv_output_size(size: int, blocks: int) -> int:
     for _ in range(blocks):
         size = (size + 1) // 2
     return size
+
+
+def _is_vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by a :func:`torch.func.vmap` (at any level of nested functorch transforms)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    try:
+        while functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_batchedtensor(t):
+                return True
+            t = functorch.get_unwrapped(t)
+    except AttributeError:  # functorch internals renamed in a future torch: take the path that is always right
+        return True
+    return False
+
+
+def batch_norm_by_hand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Batch norm of ``x`` ``[batch, channels, ...]`` with its own batch statistics, in plain tensor ops.
+
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` with the per-channel mean and biased
+    variance over every dimension but the channel one -- what :func:`torch.nn.functional.batch_norm`
+    computes in training mode, but differentiable to any order under :func:`torch.func.vmap`.
+
+    Examples
+    --------
+    >>> x, w, b = torch.randn(6, 3, 4, 4), torch.rand(3), torch.randn(3)
+    >>> ref = torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+    >>> torch.allclose(batch_norm_by_hand(x, w, b, 1e-5), ref, atol=1e-6)
+    True
+    """
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    centred = x - x.mean(dim=dims, keepdim=True)
+    var = (centred * centred).mean(dim=dims, keepdim=True)
+    return torch.addcmul(bias.view(shape), centred, weight.view(shape) * torch.rsqrt(var + eps))
+
+
+class BatchStatNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d(num_features, track_running_stats=False)`` that is exact under :func:`torch.func.vmap`.
+
+    It always normalises with the statistics of the current batch (training and evaluation
+    alike; no buffers), like its parent with ``track_running_stats=False``. Its parameters
+    (``weight``, ``bias``) and state dict are the parent's, so checkpoints are interchangeable.
+
+    Under vmap (a meta-batch of tasks batched with :func:`torch.func.vmap`, every task normalised
+    with its own statistics) it computes the statistics by hand (:func:`batch_norm_by_hand`):
+    second-order derivatives of torch's fused batch norm are wrong under vmap (an upstream
+    functorch limitation), which made MAML's meta-gradient through it 0.6-2.4% off. Elsewhere it
+    calls the fused kernel, exact and faster.
+
+    Examples
+    --------
+    >>> norm = BatchStatNorm2d(3)
+    >>> x = torch.randn(8, 3, 5, 5)
+    >>> torch.allclose(norm(x), torch.func.vmap(norm)(x.unsqueeze(0))[0], atol=1e-6)
+    True
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps, affine=True, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"BatchStatNorm2d expects input [batch, channels, height, width], got {tuple(x.shape)}.")
+        if _is_vmapped(x) or _is_vmapped(self.weight) or _is_vmapped(self.bias):
+            return batch_norm_by_hand(x, self.weight, self.bias, self.eps)
+        return nn.functional.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
 
 
 class CosineHead(nn.Module):
@@ -69,8 +138,8 @@ class OmniglotCNN(nn.Module):
     """The 4-block convolutional network of the MAML/iMAML Omniglot experiments.
 
     Each block is a 3x3 convolution with ``hidden`` filters, stride 2 and
-    padding 1, ``BatchNorm2d(track_running_stats=False)`` (batch statistics in
-    training and evaluation alike) and ReLU. A 28x28 input shrinks to
+    padding 1, batch norm with batch statistics in training and evaluation alike
+    (:class:`BatchStatNorm2d`, exact under vmap) and ReLU. A 28x28 input shrinks to
     14, 7, 4, 2 pixels, giving ``hidden * 2 * 2 = 256`` features for the
     linear ``ways``-way head.
 
@@ -113,7 +182,7 @@ class OmniglotCNN(nn.Module):
         for _ in range(self.num_blocks):
             blocks += [
                 nn.Conv2d(channels, hidden, kernel_size=3, stride=2, padding=1),
-                nn.BatchNorm2d(hidden, track_running_stats=False),
+                BatchStatNorm2d(hidden),
                 nn.ReLU(),
             ]
             channels = hidden

@@ -37,6 +37,8 @@ from .algorithms import (
 from .augmentation import random_affine
 from .baseline import BaselineConfig, train_baseline
 from .checkpoint import (
+    CheckpointError,
+    _first_line,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -54,6 +56,11 @@ from .presets import (
 __all__ = ["TrainConfig", "MetaTrainer", "pretraining_config", "NonFiniteMetaLossError", "build_task_splits", "build_network", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Entries of a meta-training checkpoint that resuming needs.
+CHECKPOINT_KEYS = ("config", "iteration", "theta", "optimizer", "rng", "history")
+#: What to do about a checkpoint that cannot be resumed from.
+RESUME_ADVICE = ("Nothing was changed. Move it away and resume from another (good) copy of checkpoint.pt, "
+                 "or start afresh: delete it, or train into another --output directory (without --resume).")
 METRIC_FIELDS = ("iteration", "meta_loss", "metric", "inner_residual", "inner_unsolved", "backward_failed", "seconds")
 
 
@@ -466,17 +473,46 @@ class MetaTrainer:
             "pretrain_stats": self.pretrain_stats,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (the configuration must describe the same model)."""
-        saved = TrainConfig.from_dict(state["config"])
+    def load_state_dict(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
+        """Restore a :meth:`state_dict` (the configuration must describe the same model).
+
+        Everything is checked before anything is changed: a state that lacks an entry or a
+        parameter, or has one of another shape, raises :class:`~.checkpoint.CheckpointError`
+        (naming ``source``) and leaves the trainer as it was.
+        """
+        def bad(problem: str) -> CheckpointError:
+            return CheckpointError(f"{source} {problem}. {RESUME_ADVICE}")
+
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise bad(f"lacks the entries {missing} of a meta-training checkpoint")
+        try:
+            saved = TrainConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as err:
+            raise bad(f"holds an unusable configuration ({err})") from err
         for name in ("task", "ways", "hidden", "activation", "algorithm", "head"):
             if getattr(saved, name) != getattr(self.config, name):
                 raise ValueError(f"checkpoint was trained with {name}={getattr(saved, name)!r}, "
                                  f"this run has {name}={getattr(self.config, name)!r}")
+        theta = state["theta"]
+        if not isinstance(theta, dict) or set(theta) != set(self.theta):
+            got = sorted(theta) if isinstance(theta, dict) else type(theta).__name__
+            raise bad(f"holds the parameters {got}, this model has {sorted(self.theta)}")
+        for k, v in self.theta.items():
+            if not isinstance(theta[k], torch.Tensor) or theta[k].shape != v.shape:
+                raise bad(f"holds parameter {k!r} of shape {tuple(getattr(theta[k], 'shape', ()))}, "
+                          f"this model's is {tuple(v.shape)}")
+        rng = state["rng"] if isinstance(state["rng"], dict) else {}
+        rng_missing = [k for k in ("torch", "numpy", "python", "generator") if k not in rng]
+        if rng_missing:
+            raise bad(f"lacks the random-number states {rng_missing}")
+        try:  # the optimizer checks its own state (and raises ValueError) before it changes
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise bad(f"holds an optimizer state that does not fit this model ({_first_line(err)})") from err
         with torch.no_grad():
             for k, v in self.theta.items():
-                v.copy_(state["theta"][k].to(v.device))
-        self.optimizer.load_state_dict(state["optimizer"])
+                v.copy_(theta[k].to(v.device))
         restore_rng_state(state["rng"], self.generator)
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -499,7 +535,9 @@ class MetaTrainer:
         """Continue from ``output_dir/checkpoint.pt``."""
         if self.checkpoint_path is None:
             raise ValueError("resume needs an output directory")
-        self.load_state_dict(load_checkpoint(self.checkpoint_path))
+        state = load_checkpoint(self.checkpoint_path, required=CHECKPOINT_KEYS, what="checkpoint",
+                                advice=RESUME_ADVICE)
+        self.load_state_dict(state, source=f"checkpoint {self.checkpoint_path}")
 
 
 def write_metrics(output_dir: Path, history: list[dict[str, float]], task_type: str) -> None:
