@@ -21,6 +21,11 @@ try:  # torch >= 2.1
         """True when any torch.func transform (grad, vjp, jvp, vmap, ...) is active."""
         return len(retrieve_all_functorch_interpreters()) > 0
 
+    def ad_levels() -> tuple[int, int]:
+        """``(reverse, forward)``: how many torch.func grad/vjp and jvp transforms are active."""
+        keys = [i.key() for i in retrieve_all_functorch_interpreters()]
+        return sum(k == TransformType.Grad for k in keys), sum(k == TransformType.Jvp for k in keys)
+
     def is_wrapped(t: torch.Tensor) -> bool:
         """True for a tensor wrapped by a torch.func transform (batched, grad-tracking or dual)."""
         return bool(is_functorch_wrapped_tensor(t))
@@ -47,6 +52,9 @@ except ImportError:  # pragma: no cover - very old torch
 
     def under_functorch() -> bool:
         return False
+
+    def ad_levels() -> tuple[int, int]:
+        return 0, 0
 
     def is_wrapped(t: torch.Tensor) -> bool:
         return False

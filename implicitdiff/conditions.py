@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._tree import tree_map
+from ._tree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["Condition", "stationarity_condition", "fixed_point_condition", "proximal_condition"]
 
@@ -32,12 +32,25 @@ class Condition:
         default backward solver.
     name : str
         Shown in error messages.
+    eager : callable, optional
+        The same residual computed with plain autograd, for the per-call check outside
+        ``torch.func`` (cheaper than a ``torch.func.grad`` there): returns ``(residual,
+        closes_over_grad)``, the flag telling whether the residual depends on a tensor that
+        requires grad other than ``x``.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, symmetric: bool, name: str) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        symmetric: bool,
+        name: str,
+        eager: Callable[..., tuple[Any, bool]] | None = None,
+    ) -> None:
         self.fn = fn
         self.symmetric = symmetric
         self.name = name
+        self.eager = eager
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         return self.fn(x, *args, **kwargs)
@@ -78,7 +91,46 @@ def stationarity_condition(objective: Callable[..., torch.Tensor]) -> Condition:
     tensor([-2., -2.])
     """
     grad_fn = torch.func.grad(_scalar_objective(objective), argnums=0)
-    return Condition(grad_fn, symmetric=True, name=f"stationarity of {getattr(objective, '__name__', 'objective')}")
+    return Condition(
+        grad_fn,
+        symmetric=True,
+        name=f"stationarity of {getattr(objective, '__name__', 'objective')}",
+        eager=_eager_gradient(_scalar_objective(objective)),
+    )
+
+
+def _eager_gradient(objective: Callable[..., torch.Tensor]) -> Callable[..., tuple[Any, bool]]:
+    """``grad_x objective`` by plain autograd, and whether the objective reaches other leaves requiring grad."""
+
+    def evaluate(x: Any, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
+        leaves, spec = tree_flatten(x)
+        xs = [t.detach().requires_grad_() for t in leaves]
+        with torch.enable_grad():
+            value = objective(tree_unflatten(spec, xs), *args, **kwargs)
+        closure = _reaches_other_leaves(value, xs)
+        if value.requires_grad:
+            grads = torch.autograd.grad(value, xs, allow_unused=True)
+        else:
+            grads = (None,) * len(xs)
+        return tree_unflatten(spec, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, xs)]), closure
+
+    return evaluate
+
+
+def _reaches_other_leaves(value: torch.Tensor, own: list[torch.Tensor]) -> bool:
+    """Whether the graph of ``value`` accumulates into a leaf tensor that is not one of ``own``."""
+    own_ids = {id(t) for t in own}
+    stack, seen = [value.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in own_ids:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def fixed_point_condition(fixed_point: Callable[..., Any]) -> Condition:

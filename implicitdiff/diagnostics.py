@@ -170,8 +170,8 @@ def report(info: SolveInfo, policy: FailurePolicy) -> None:
     hint = {
         SolveStatus.MAX_ITERATIONS: "raise maxiter, loosen tol, add damping or a preconditioner; "
         "pass tol=None if a fixed iteration budget is intended",
-        SolveStatus.NEGATIVE_CURVATURE: "the operator is not positive definite: use MINRES or GMRES, "
-        "or add damping (Levenberg-Marquardt style)",
+        SolveStatus.NEGATIVE_CURVATURE: "the operator is not positive definite (indefinite, or singular along "
+        "the search direction): use MINRES or GMRES, or add damping (Levenberg-Marquardt style)",
         SolveStatus.BREAKDOWN: "the Krylov method broke down: try GMRES, damping, or Direct for small problems",
         SolveStatus.DIVERGED: "the iteration diverges (its residual grew); for Neumann the series diverges: "
         "step_size must be below 2 / lambda_max of the operator (for an objective, the largest Hessian "

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._functorch import physical, under_functorch, under_vmap
-from ._tree import PyTree, Raveler, describe, leaves
+from ._functorch import any_true, is_wrapped, physical, under_functorch, under_vmap
+from ._tree import PyTree, Raveler, describe, leaves, tree_structure
 from .diagnostics import SolveInfo, SolveStatus, report
 from .errors import ImplicitDiffError, NonFiniteError
 from .solvers.base import LinearProblem, LinearSolver
@@ -43,6 +44,19 @@ def check_solver(solver: Any, where: str) -> LinearSolver:
     return solver
 
 
+def _private(fn: Callable[[torch.Tensor], torch.Tensor], single_leaf: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """User code gets its own copy of the vector (it may write into it) and its output is copied when
+    it could alias a buffer the user reuses; the solver keeps every tensor it still needs."""
+    if single_leaf:
+        return lambda v: fn(v.clone()).clone()
+    return lambda v: fn(v.clone())
+
+
+def _true_residual(op: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.linalg.vector_norm(b - op(x)).detach()
+
+
 def solve_flat(
     solver: LinearSolver,
     matvec: Callable[[torch.Tensor], torch.Tensor],
@@ -54,17 +68,23 @@ def solve_flat(
     kind: str = "linear_solve",
     function: str = "",
 ) -> tuple[torch.Tensor, SolveInfo]:
-    """Solve on flat vectors with scaling, damping, preconditioning and reporting (private).
+    """Solve on flat vectors with scaling, damping, preconditioning, verification and reporting (private).
 
-    ``raveler`` describes the pytree behind the flat vectors (for the preconditioner).
+    Nothing is differentiated through the solver's iterations: callers attach derivatives by the
+    adjoint rule. After the solver stops, the *true* residual ``||b - A x||`` is recomputed with one
+    product: a ``CONVERGED`` that it does not confirm is rerun from ``x`` (residual replacement) and
+    reported as ``STAGNATED`` if that does not help; a failed solve never returns an iterate worse
+    than the initial guess. ``raveler`` describes the pytree behind the flat vectors (for the
+    preconditioner).
     """
     eager = not under_vmap()
-    # differentiating through the solve is possible only with grad mode on and a graph to extend;
-    # solvers also check that their first product carries no graph before taking a fast path
-    differentiable = torch.is_grad_enabled() and (b.requires_grad or under_functorch())
     name = solver.name
     where = f" in the {kind} solve of {function!r}" if function else ""
     n = b.shape[-1]
+    if n == 0:  # an empty system: the empty solution, nothing to iterate
+        info = SolveInfo(name, kind, SolveStatus.CONVERGED, 0, 0.0, 0.0, function)
+        report(info, solver.on_failure)
+        return torch.zeros_like(b), info
     if eager:
         if not bool(torch.isfinite(b).all()):
             info = SolveInfo(name, kind, SolveStatus.NONFINITE, 0, float("nan"), float("nan"), function, "right-hand side")
@@ -99,7 +119,7 @@ def solve_flat(
     precond = None
     if solver.preconditioner is not None:
         user_m = solver.preconditioner
-        precond = lambda v: raveler.ravel(user_m(raveler.unravel(v)))  # noqa: E731
+        precond = _private(lambda v: raveler.ravel(user_m(raveler.unravel(v))), raveler.single)
     if rmatvec_factory is not None and damping != 0.0:
         base_factory = rmatvec_factory
 
@@ -107,50 +127,151 @@ def solve_flat(
             rm = base_factory()
             return lambda v: rm(v) + damping * v
 
+    maxiter = solver.maxiter if solver.maxiter is not None else solver.default_maxiter(n)
     problem = LinearProblem(
         matvec=op,
         b=bn,
         x0=x0n,
         abs_tol=abs_tol,
-        maxiter=solver.maxiter if solver.maxiter is not None else solver.default_maxiter(n),
+        maxiter=maxiter,
         fixed_budget=solver.tol is None,
         eager=eager,
-        differentiable=differentiable,
+        differentiable=False,
         preconditioner=precond,
         _rmatvec_factory=rmatvec_factory,
     )
     raw = solver.solve(problem)
-    x = raw.x * scale
     if not eager:
-        info = _batched_info(solver, raw, bn, op, bnorm, scale, kind, function)
+        x, status, iterations, res = _verify_batched(solver, problem, raw, op, bnorm, x0 is not None)
+        info = _batched_info(solver, status, iterations, res, bnorm, scale, kind, function)
         report(info, solver.on_failure)
-        return x, info
-    res = raw.residual_norm
-    if res is None:
-        with torch.no_grad():
-            res = torch.linalg.vector_norm(bn - op(raw.x))
-    res_n = _to_float(res)
-    status = raw.status if isinstance(raw.status, SolveStatus) else SolveStatus(int(raw.status))
-    if status != SolveStatus.NONFINITE and not bool(torch.isfinite(raw.x).all()):
-        status = SolveStatus.NONFINITE
+        return x * scale, info
+    x, status, iterations, res_n, note = _verify(solver, problem, raw, op, float(bnorm), x0 is not None)
     info = SolveInfo(
         solver=name,
         kind=kind,
         status=status,
-        iterations=int(raw.iterations),
+        iterations=iterations,
         residual_norm=res_n * scale,
         relative_residual=res_n / max(float(bnorm.detach()), 1e-300),
         function=function,
+        message=note,
     )
     report(info, solver.on_failure)
-    return x, info
+    return x * scale, info
+
+
+#: how often a CONVERGED that the true residual does not confirm is rerun from its iterate
+_RESTARTS = 3
+
+
+def _verify(
+    solver: LinearSolver, problem: LinearProblem, raw: Any, op: Callable[[torch.Tensor], torch.Tensor], bnorm: float,
+    warm: bool,
+) -> tuple[torch.Tensor, SolveStatus, int, float, str]:
+    """Eager truth check: the status is decided on the true residual (see :func:`solve_flat`)."""
+    x = raw.x
+    status = raw.status if isinstance(raw.status, SolveStatus) else SolveStatus(int(raw.status))
+    iterations = int(raw.iterations)
+    finite = bool(torch.isfinite(x).all())
+    if not finite:
+        return x, SolveStatus.NONFINITE, iterations, float("nan"), ""
+    res = float(_true_residual(op, problem.b, x))
+    note = ""
+    if status == SolveStatus.CONVERGED and res > problem.abs_tol and solver.checks_true_residual:
+        if problem.fixed_budget:
+            status = SolveStatus.BUDGET_USED
+        else:
+            estimate_met = True
+            for _ in range(_RESTARTS):
+                remaining = problem.maxiter - iterations
+                if remaining <= 0:
+                    status = SolveStatus.MAX_ITERATIONS
+                    break
+                rerun = solver.solve(dataclasses.replace(problem, x0=x, maxiter=remaining))
+                iterations += int(rerun.iterations)
+                new_res = float(_true_residual(op, problem.b, rerun.x)) if bool(torch.isfinite(rerun.x).all()) else float("inf")
+                improved = new_res < 0.5 * res
+                if new_res < res:
+                    x, res = rerun.x, new_res
+                if res <= problem.abs_tol:
+                    status = SolveStatus.CONVERGED
+                    break
+                rerun_status = SolveStatus(int(rerun.status))
+                if rerun_status != SolveStatus.CONVERGED:
+                    status, estimate_met = rerun_status, False
+                    break
+                if not improved:
+                    status = SolveStatus.STAGNATED
+                    break
+            else:
+                status = SolveStatus.STAGNATED
+            if status == SolveStatus.STAGNATED and estimate_met:
+                eps = torch.finfo(problem.b.dtype).eps
+                note = (
+                    f"true relative residual {res / max(bnorm, 1e-300):.2e} above the tolerance although the solver's "
+                    f"estimate met it; {problem.b.dtype} has eps {eps:.1e}"
+                )
+    if not status.ok and solver.tol is not None and 0 < solver.tol < 10 * torch.finfo(problem.b.dtype).eps:
+        precision = (
+            f"tol={solver.tol:g} is below what {problem.b.dtype} can reach (eps {torch.finfo(problem.b.dtype).eps:.1e}): "
+            "loosen tol or solve in float64"
+        )
+        note = f"{note}; {precision}" if note else precision
+    if not status.ok and status != SolveStatus.NONFINITE:
+        r0 = float(_true_residual(op, problem.b, problem.x0)) if warm else bnorm
+        if res > r0:  # never hand back an iterate worse than the initial guess
+            x, res = problem.x0, r0
+            note = (note + "; " if note else "") + "the iterates were worse than the initial guess, which is returned"
+    return x, status, iterations, res, note
+
+
+def _verify_batched(
+    solver: LinearSolver, problem: LinearProblem, raw: Any, op: Callable[[torch.Tensor], torch.Tensor],
+    bnorm: torch.Tensor, warm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The truth check of :func:`_verify` with masks, for solves run under vmap (one rerun)."""
+    x = raw.x
+    status = torch.as_tensor(raw.status, device=x.device).to(torch.int64)
+    iterations = torch.as_tensor(raw.iterations, device=x.device).to(torch.int64)
+    res = _true_residual(op, problem.b, x)
+    finite = torch.isfinite(res) & torch.isfinite(x).all()
+    status = torch.where(finite, status, torch.full_like(status, int(SolveStatus.NONFINITE)))
+    converged = status == int(SolveStatus.CONVERGED)
+    unconfirmed = converged & (res > problem.abs_tol) & finite
+    if solver.checks_true_residual and any_true(unconfirmed):
+        if problem.fixed_budget:
+            status = torch.where(unconfirmed, torch.full_like(status, int(SolveStatus.BUDGET_USED)), status)
+        else:
+            rerun = solver.solve(dataclasses.replace(problem, x0=x))
+            new_res = _true_residual(op, problem.b, rerun.x)
+            take = unconfirmed & torch.isfinite(new_res) & (new_res < res)
+            x = torch.where(take, rerun.x, x)
+            res = torch.where(take, new_res, res)
+            extra = torch.as_tensor(rerun.iterations, device=x.device).to(torch.int64)
+            iterations = iterations + torch.where(unconfirmed, extra, torch.zeros_like(extra))
+            ok_now = res <= problem.abs_tol
+            status = torch.where(
+                unconfirmed,
+                torch.where(ok_now, status, torch.full_like(status, int(SolveStatus.STAGNATED))),
+                status,
+            )
+    failed = (status != int(SolveStatus.CONVERGED)) & (status != int(SolveStatus.BUDGET_USED)) & finite
+    r0 = _true_residual(op, problem.b, problem.x0) if warm else bnorm.detach()
+    worse = failed & (res > r0)
+    x = torch.where(worse, problem.x0, x)
+    res = torch.where(worse, r0, res)
+    return x, status, iterations, res
 
 
 # failures in decreasing order of severity: the one reported for a batch
 _SEVERITY = (
     SolveStatus.NONFINITE,
+    SolveStatus.DIVERGED,
     SolveStatus.BREAKDOWN,
     SolveStatus.NEGATIVE_CURVATURE,
+    SolveStatus.LEAST_SQUARES,
+    SolveStatus.STAGNATED,
     SolveStatus.MAX_ITERATIONS,
     SolveStatus.BUDGET_USED,
     SolveStatus.CONVERGED,
@@ -159,9 +280,9 @@ _SEVERITY = (
 
 def _batched_info(
     solver: LinearSolver,
-    raw: Any,
-    bn: torch.Tensor,
-    op: Callable[[torch.Tensor], torch.Tensor],
+    status_t: torch.Tensor,
+    iterations_t: torch.Tensor,
+    res: torch.Tensor,
     bnorm: torch.Tensor,
     scale: torch.Tensor,
     kind: str,
@@ -173,14 +294,9 @@ def _batched_info(
     layers once the solve is done: the batch's worst status is reported (and the failure
     policy applied to it), with the largest iteration count and relative residual.
     """
-    res = raw.residual_norm
-    if res is None:
-        with torch.no_grad():
-            res = torch.linalg.vector_norm(bn - op(raw.x))
-    res = torch.as_tensor(res, dtype=bn.dtype, device=bn.device)
-    status = physical(torch.as_tensor(raw.status)).reshape(-1).tolist()
-    iterations = physical(torch.as_tensor(raw.iterations)).reshape(-1)
-    rel = physical((res / bnorm.clamp_min(torch.finfo(bn.dtype).tiny)).detach()).reshape(-1)
+    status = physical(status_t).reshape(-1).tolist()
+    iterations = physical(iterations_t).reshape(-1)
+    rel = physical((res / bnorm.clamp_min(torch.finfo(res.dtype).tiny)).detach()).reshape(-1)
     abs_res = physical((res * scale).detach()).reshape(-1)
     present = {SolveStatus(int(c)) for c in status}
     worst = next(s for s in _SEVERITY if s in present)
@@ -202,6 +318,134 @@ def _batched_info(
 def _to_float(value: float | torch.Tensor) -> float:
     # not torch.as_tensor: that would round a Python float through float32
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+_HIGHER_ORDER_MESSAGE = (
+    "linear_solve: a higher-order derivative with respect to tensors that matvec closes over is not supported "
+    "(first derivatives are exact; the operator's tensors are invisible to the derivative rule of the solve). "
+    "Pass the operator's tensors explicitly instead: implicit_diff(optimality_fn=lambda x, A, b: A @ x - b) "
+    "around a function returning linear_solve(...).value gives exact derivatives of every order."
+)
+
+
+class _Inverse(torch.autograd.Function):
+    """``r -> A^{-1} r`` evaluated at ``r ~ 0`` (value 0) whose derivatives are solves with ``A``.
+
+    :func:`linear_solve` returns ``x* - A^{-1}(A x* - b)`` with ``x*`` the solver's (detached)
+    answer: the value is ``x*`` and the derivative is ``A^{-1}(db - dA x*)``, the adjoint rule,
+    exact whatever the solver did, for ``b`` and for every tensor the matvec closes over.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(ops: Any, r: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(r)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.ops = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, ctx.ops.solve(grad, transpose=True)
+
+    @staticmethod
+    def jvp(ctx: Any, _ops_tangent: Any, r_tangent: torch.Tensor) -> torch.Tensor:
+        return ctx.ops.solve(r_tangent, transpose=False)
+
+
+class _RefuseHigherOrder(torch.autograd.Function):
+    """Identity whose own derivative raises: marks a first derivative that must not be differentiated again."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise ImplicitDiffError(_HIGHER_ORDER_MESSAGE)
+
+
+class _Operator:
+    """The flat operator of one :func:`linear_solve` call, for the derivative solves of :class:`_Inverse`."""
+
+    def __init__(self, solver: LinearSolver, matvec: Callable, rmatvec: Callable | None, raveler: Raveler, like: torch.Tensor) -> None:
+        self.solver = solver
+        self.matvec = matvec
+        self.raveler = raveler
+        self.like = like
+        self._rmatvec = rmatvec
+
+    def rmatvec(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.solver.requires_symmetric:
+            return self.matvec
+        if self._rmatvec is None:
+            _, vjp = torch.func.vjp(self.matvec, torch.zeros_like(self.like))
+            self._rmatvec = lambda u: vjp(u)[0]
+        return self._rmatvec
+
+    def solve(self, rhs: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+        mv = self.rmatvec() if transpose else self.matvec
+        rmv = self.matvec if transpose else self._rmatvec
+        try:
+            out = _solve_differentiable(self.solver, mv, rmv, rhs, self.raveler, kind="adjoint" if transpose else "tangent")
+        except RuntimeError as err:
+            if "level" in str(err) and "INTERNAL ASSERT" in str(err):
+                raise ImplicitDiffError(_HIGHER_ORDER_MESSAGE) from err
+            raise
+        if torch.is_grad_enabled() and not under_functorch():
+            # create_graph: if the operator's closure requires grad, a second derivative would miss the
+            # operator's own dependence; the first derivative stands, differentiating it again raises
+            with torch.enable_grad():
+                if mv(rhs.detach()).requires_grad:
+                    out = _RefuseHigherOrder.apply(out)
+        return out
+
+
+def _forward_ad_active() -> bool:
+    return torch._C._is_fwd_grad_enabled() and torch.autograd.forward_ad._current_level >= 0
+
+
+def _has_tangent(t: torch.Tensor) -> bool:
+    return not is_wrapped(t) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def _solve_differentiable(
+    solver: LinearSolver,
+    flat_mv: Callable[[torch.Tensor], torch.Tensor],
+    flat_rmv: Callable[[torch.Tensor], torch.Tensor] | None,
+    b: torch.Tensor,
+    raveler: Raveler,
+    *,
+    x0: torch.Tensor | None = None,
+    kind: str = "linear_solve",
+) -> tuple[torch.Tensor, SolveInfo] | torch.Tensor:
+    """Solve without a graph, then attach the adjoint derivative (see :class:`_Inverse`)."""
+    if flat_rmv is not None:
+        factory = lambda: flat_rmv  # noqa: E731
+    else:
+
+        def factory() -> Callable[[torch.Tensor], torch.Tensor]:  # A^T by a vjp of the (un-detached) matvec
+            _, vjp = torch.func.vjp(flat_mv, torch.zeros_like(b.detach()))
+            return lambda u: vjp(u)[0].detach()
+
+    detached_mv = lambda v: flat_mv(v).detach()  # noqa: E731  (no graph and no tangents in the iterations)
+    with torch.no_grad():
+        x, info = solve_flat(
+            solver, detached_mv, b.detach(), raveler=raveler, x0=None if x0 is None else x0.detach(),
+            rmatvec_factory=factory, kind=kind,
+        )
+    x = x.detach()
+    if torch.is_grad_enabled() or under_functorch() or _forward_ad_active():
+        residual = flat_mv(x) - b  # carries the graph to b and to the operator's tensors
+        if residual.requires_grad or is_wrapped(residual) or _has_tangent(residual):
+            x = x - _Inverse.apply(_Operator(solver, flat_mv, flat_rmv, raveler, b.detach()), residual)
+    return x if kind in ("adjoint", "tangent") else (x, info)
 
 
 def linear_solve(
@@ -247,9 +491,17 @@ def linear_solve(
     -----
     The right-hand side is divided by its largest absolute entry before the solve and the
     solution multiplied back, so that a right-hand side of 1e-30 in float32 (whose squared
-    norm underflows) is solved as accurately as one of 1. The call is differentiable when
-    gradients are enabled (by differentiating through the iterations; exactly with
-    :class:`~implicitdiff.Direct`) and works under ``torch.func.vmap``.
+    norm underflows) is solved as accurately as one of 1.
+
+    Derivatives follow the adjoint rule, never the solver's iterations: the reverse-mode
+    cotangent of ``b`` is ``u = A^{-T} x_bar`` (one more solve with the same solver) and that of
+    every tensor ``matvec`` closes over is ``-u x^T`` through a vector-Jacobian product of
+    ``matvec``; forward mode solves ``A x_dot = b_dot - A_dot x``. Both are exact whatever
+    the solver did (also at ``b = 0``) and work under ``torch.func`` transforms and
+    ``vmap``. Derivatives of second and higher order are exact with respect to ``b``; with
+    respect to the operator's closure tensors they raise :class:`~implicitdiff.ImplicitDiffError`
+    (use :func:`~implicitdiff.implicit_diff` with the operator's tensors as arguments).
+    When gradients are enabled the call costs one more product (to attach the derivative).
 
     Examples
     --------
@@ -274,12 +526,30 @@ def linear_solve(
         if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
             raise ImplicitDiffError(f"linear_solve: b must be a pytree of floating-point tensors, got {describe(b)}")
     raveler = Raveler(b)
-    flat_mv = raveler.wrap(matvec)
-    factory = None
-    if rmatvec is not None:
-        flat_rmv = raveler.wrap(rmatvec)
-        factory = lambda: flat_rmv  # noqa: E731
+    flat_mv = _private(_square_checked(raveler, matvec, "matvec"), raveler.single)
+    flat_rmv = None if rmatvec is None else _private(_square_checked(raveler, rmatvec, "rmatvec"), raveler.single)
+    if x0 is not None and (tree_structure(x0) != raveler.spec or [t.shape for t in leaves(x0)] != raveler.shapes):
+        raise ImplicitDiffError(f"linear_solve: x0 must have the structure and shapes of b ({describe(b)}), got {describe(x0)}")
     x0_flat = None if x0 is None else raveler.ravel(x0)
-    x, info = solve_flat(solver, flat_mv, raveler.ravel(b), raveler=raveler, x0=x0_flat, rmatvec_factory=factory)
+    x, info = _solve_differentiable(solver, flat_mv, flat_rmv, raveler.ravel(b), raveler, x0=x0_flat)
     return LinearSolution(raveler.unravel(x), info)
+
+
+def _square_checked(raveler: Raveler, fn: Callable[[PyTree], PyTree], what: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` on flat vectors; its output must have b's structure and shapes (a square operator)."""
+
+    def flat(v: torch.Tensor) -> torch.Tensor:
+        out = fn(raveler.unravel(v))
+        out_leaves = leaves(out)
+        if tree_structure(out) != raveler.spec or any(
+            not isinstance(t, torch.Tensor) or t.shape != s for t, s in zip(out_leaves, raveler.shapes)
+        ):
+            raise ImplicitDiffError(
+                f"linear_solve: {what} must map a vector shaped like b to one shaped like b (a square operator); "
+                f"b is {describe(raveler.unravel(v))}, {what}(b) is {describe(out)}. For a non-square or "
+                "least-squares problem solve the normal equations A^T A x = A^T b."
+            )
+        return raveler.ravel(out)
+
+    return flat
 

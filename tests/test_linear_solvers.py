@@ -300,8 +300,13 @@ def test_bad_solver_arguments():
 
 
 def test_direct_singular_operator():
-    with pytest.raises(idiff.LinearSolveError, match="singular"):
-        idiff.linear_solve(lambda v: torch.zeros_like(v) + 0 * v, torch.ones(3, dtype=DT), solver=idiff.Direct())
+    with pytest.raises(idiff.LinearSolveError, match="BREAKDOWN"):
+        idiff.linear_solve(lambda v: torch.zeros_like(v) + 0 * v, torch.ones(3, dtype=DT), solver=idiff.Direct(on_failure="raise"))
+    # rank deficient: the minimum-norm least-squares solution, reported as a breakdown
+    A = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=DT)
+    with pytest.warns(idiff.LinearSolveWarning, match="BREAKDOWN"):
+        sol = idiff.linear_solve(lambda v: A @ v, torch.tensor([1.0, 3.0], dtype=DT), solver=idiff.Direct())
+    assert torch.allclose(sol.value, torch.tensor([1.0, 1.0], dtype=DT))
 
 
 def test_solvers_on_device(device):

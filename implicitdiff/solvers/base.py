@@ -155,6 +155,8 @@ class LinearSolver(abc.ABC):
 
     #: Whether the solver assumes a symmetric operator (the backward pass then uses ``A`` for ``A^T``).
     requires_symmetric: bool = False
+    #: Whether ``CONVERGED`` is confirmed on the true residual after the solve (not for factorizations).
+    checks_true_residual: bool = True
 
     def __init__(
         self,
@@ -264,3 +266,26 @@ def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0 where ``den == 0`` (keeps masked branches finite)."""
     ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def solved_to_working_precision(
+    rnorm: torch.Tensor | float, anorm: torch.Tensor | float, xnorm: torch.Tensor | float, bnorm: torch.Tensor | float,
+    dtype: torch.dtype,
+) -> torch.Tensor | bool:
+    """Whether ``||b - A x|| <= 100 eps (||A|| ||x|| + ||b||)``: a backward-stable solution (private).
+
+    A solver that detects a singular operator (a zero-curvature or null-space direction, an
+    exhausted Krylov space) with a residual at this rounding floor has solved a consistent
+    system as well as the dtype allows: that is not an inconsistent system (``LEAST_SQUARES``)
+    or a breakdown, but a tolerance below the attainable accuracy (see :func:`floor_status`).
+    """
+    return rnorm <= 100.0 * torch.finfo(dtype).eps * (anorm * xnorm + bnorm)
+
+
+def floor_status(problem: LinearProblem) -> SolveStatus:
+    """Status of a solve stopped at the rounding floor above the tolerance (private).
+
+    ``BUDGET_USED`` under a fixed budget (``tol=None`` asks only to stop at machine
+    precision), else ``STAGNATED``.
+    """
+    return SolveStatus.BUDGET_USED if problem.fixed_budget else SolveStatus.STAGNATED

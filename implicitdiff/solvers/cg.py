@@ -16,11 +16,17 @@ from .base import (
     dot,
     fast_or_masked,
     finalize_status,
+    floor_status,
     running_status,
     safe_div,
+    solved_to_working_precision,
 )
 
 __all__ = ["CG"]
+
+#: Curvature ``d^T A d`` at or below ``_ZERO_CURVATURE * eps * d^T M^-1 d * ||M A||`` is not positive:
+#: it cannot be told from zero in floating point (a singular operator), and dividing by it blows up.
+_ZERO_CURVATURE = 10.0
 
 
 class CG(LinearSolver):
@@ -31,14 +37,21 @@ class CG(LinearSolver):
     :math:`I + \nabla^2 L/\lambda`). In exact arithmetic it converges in at most ``n``
     iterations, each costing one product with :math:`A`.
 
-    When it meets non-positive curvature :math:`p^\top A p \le 0` (the operator is not
-    positive definite: a non-convex inner problem, or too few inner steps) it stops at once
-    and reports :attr:`~implicitdiff.SolveStatus.NEGATIVE_CURVATURE`; the failure policy
-    then applies. It returns the best iterate met in CG's own sense: the last one, since
-    every step so far went along a direction of positive curvature and lowered the
-    quadratic model :math:`\tfrac12 x^\top A x - b^\top x` (the truncated-CG rule of
-    Steihaug). If NaN or infinity appears, the iterate with the smallest residual is
-    returned instead. Never NaN.
+    When it meets non-positive curvature it stops at once and reports
+    :attr:`~implicitdiff.SolveStatus.NEGATIVE_CURVATURE`; the failure policy then applies.
+    Non-positive means :math:`p^\top A p \le 10\,\varepsilon\,(p^\top M^{-1} p)\,\|MA\|`
+    (:math:`\|MA\|` estimated by the largest Rayleigh quotient met, ``M`` the preconditioner,
+    the identity without one): a negative eigenvalue (an indefinite
+    operator: a non-convex inner problem, or too few inner steps), or a zero one (a singular
+    operator, whose system may have no solution: CG would divide by zero and blow up). It
+    then returns the iterate with the **smallest residual** met, the initial guess included,
+    so the result is never worse than the initial guess and never NaN or infinite (the last
+    iterate can be much worse than doing nothing on an indefinite system). The same holds if
+    NaN or infinity appears. If that residual is already at the rounding floor
+    (:math:`100\,\varepsilon(\|A\|\|x\| + \|b\|)`, a singular but consistent system
+    solved as well as the dtype allows), the status is ``STAGNATED`` (``BUDGET_USED`` with
+    ``tol=None``) instead. At ``MAX_ITERATIONS`` (and ``BUDGET_USED``) the last iterate is
+    returned, as CG's error in the energy norm decreases monotonically.
     Remedies: ``damping`` (Levenberg-Marquardt), :class:`~implicitdiff.MINRES`, or
     :class:`~implicitdiff.GMRES`.
 
@@ -62,7 +75,7 @@ class CG(LinearSolver):
 
 
 def conjugate_gradient(problem: LinearProblem) -> RawSolution:
-    """Run (preconditioned) CG on ``problem``; shared by :class:`CG` and :class:`NormalCG`."""
+    """Run (preconditioned) CG on ``problem``."""
     return fast_or_masked(problem, _cg_fast, _cg_masked)
 
 
@@ -83,6 +96,9 @@ def _cg_fast(problem: LinearProblem) -> RawSolution:
     rz = rr if M is None else float(dot(r, z))
     d = z
     best_x, best_rr = x, rr
+    zero_curv = _ZERO_CURVATURE * torch.finfo(r.dtype).eps
+    anorm = 0.0  # largest Rayleigh quotient d^T A d / d^T M^-1 d met: estimates ||M A|| from below
+    beta = dd = 0.0
     status = SolveStatus.BUDGET_USED if problem.fixed_budget else SolveStatus.MAX_ITERATIONS
     k = 0
     for k in range(1, problem.maxiter + 1):
@@ -90,10 +106,19 @@ def _cg_fast(problem: LinearProblem) -> RawSolution:
         if k == 1:
             check_no_graph(Ad)
         dAd = float(dot(d, Ad))
+        # ||d||^2 in the preconditioner's geometry, d^T M^{-1} d, by the recurrence d = z + beta d_old
+        # (z^T M^{-1} d_old = r^T d_old = 0): no extra product, no extra sync
+        dd = rz if k == 1 else rz + beta * beta * dd
         if not math.isfinite(dAd):
             return RawSolution(best_x, SolveStatus.NONFINITE, k - 1, math.sqrt(best_rr))
-        if dAd <= 0.0:
-            return RawSolution(x, SolveStatus.NEGATIVE_CURVATURE, k - 1, math.sqrt(rr))
+        if dAd > 0.0 and dd > 0.0:
+            anorm = max(anorm, dAd / dd)
+        if dAd <= zero_curv * dd * anorm:  # negative or zero curvature (dAd <= 0 included)
+            best_r = math.sqrt(best_rr)
+            xnorm, bnorm = float(torch.linalg.vector_norm(best_x)), float(torch.linalg.vector_norm(problem.b))
+            floor = solved_to_working_precision(best_r, anorm, xnorm, bnorm, r.dtype)
+            status = floor_status(problem) if floor else SolveStatus.NEGATIVE_CURVATURE
+            return RawSolution(best_x, status, k - 1, best_r)
         alpha = rz / dAd
         x = torch.add(x, d, alpha=alpha)
         r = torch.add(r, Ad, alpha=-alpha)
@@ -106,7 +131,8 @@ def _cg_fast(problem: LinearProblem) -> RawSolution:
             return RawSolution(x, SolveStatus.CONVERGED, k, math.sqrt(rr))
         z = r if M is None else M(r)
         rz_new = rr if M is None else float(dot(r, z))
-        d = torch.add(z, d, alpha=rz_new / rz)
+        beta = rz_new / rz
+        d = torch.add(z, d, alpha=beta)
         rz = rz_new
     return RawSolution(x, status, k, math.sqrt(rr))
 
@@ -126,13 +152,18 @@ def _cg_masked(problem: LinearProblem) -> RawSolution:
     active = ~converged0
     iters = torch.zeros((), dtype=torch.int64, device=r.device)
     best_x, best_r = x, rnorm
+    zero_curv = _ZERO_CURVATURE * torch.finfo(r.dtype).eps
+    anorm = torch.zeros_like(rnorm)  # largest Rayleigh quotient met
+    dd = rz  # d^T M^{-1} d, by the recurrence of the fast path
     for _ in range(problem.maxiter):
         if not problem.keep_going(active):
             break
         Ad = A(d)
         dAd = dot(d, Ad)
-        nonfinite = active & ~torch.isfinite(dAd)
-        negative = active & ~nonfinite & (dAd <= 0)
+        nonfinite = active & ~(torch.isfinite(dAd) & torch.isfinite(dd))
+        rayleigh = safe_div(dAd, dd)
+        anorm = torch.where(active & ~nonfinite & (dAd > 0) & (dd > 0), torch.maximum(anorm, rayleigh), anorm)
+        negative = active & ~nonfinite & (dAd <= zero_curv * dd * anorm)
         step = active & ~nonfinite & ~negative
         alpha = torch.where(step, safe_div(rz, dAd), torch.zeros_like(rz))
         x_new = x + alpha * d
@@ -147,6 +178,7 @@ def _cg_masked(problem: LinearProblem) -> RawSolution:
         rz_new = dot(r, z)
         beta = torch.where(step, safe_div(rz_new, rz), torch.zeros_like(rz))
         d = torch.where(step, z + beta * d, d)
+        dd = torch.where(step, rz_new + beta * beta * dd, dd)
         rz = torch.where(step, rz_new, rz)
         iters = iters + step.to(iters.dtype)
         better = step & (rnorm < best_r)
@@ -157,9 +189,15 @@ def _cg_masked(problem: LinearProblem) -> RawSolution:
         status = torch.where(nonfinite | bad, code(SolveStatus.NONFINITE, r), status)
         status = torch.where(conv, code(SolveStatus.CONVERGED, r), status)
         active = step & ~conv
-    # at negative curvature x is already the last iterate (the masked update froze it there)
-    failed = status == int(SolveStatus.NONFINITE)
+    # a failure returns the iterate with the smallest residual met (never worse than x0)
+    curvature = status == int(SolveStatus.NEGATIVE_CURVATURE)
+    failed = (status == int(SolveStatus.NONFINITE)) | curvature
     x = torch.where(failed, best_x, x)
     rnorm = torch.where(failed, best_r, rnorm)
+    # stopped at the rounding floor: as good as the dtype allows, not an indefinite operator
+    floor = solved_to_working_precision(
+        rnorm, anorm, torch.linalg.vector_norm(x), torch.linalg.vector_norm(problem.b), r.dtype
+    )
+    status = torch.where(curvature & floor, code(floor_status(problem), r), status)
     st, it = finalize_status(problem, status, iters)
     return RawSolution(x, st, it, rnorm)

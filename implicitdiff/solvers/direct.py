@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..diagnostics import SolveStatus
-from ..errors import LinearSolveError
+from .._functorch import any_true
 from .base import LinearProblem, LinearSolver, RawSolution
 
 __all__ = ["Direct"]
@@ -19,9 +19,11 @@ class Direct(LinearSolver):
     :math:`O(n)` products, :math:`O(n^2)` memory and an :math:`O(n^3)` LU factorization:
     for small problems and as a reference to check iterative solvers against. It is exact
     up to rounding, differentiable (higher-order derivatives through it are exact), and
-    works for any non-singular operator. A singular operator raises
-    :class:`~implicitdiff.LinearSolveError` (or is reported as a breakdown, per the
-    failure policy under ``torch.func.vmap``).
+    works for any non-singular operator. An operator singular to working precision (a
+    pivot of its LU factorization below ``n * eps`` times the largest) is reported as
+    :attr:`~implicitdiff.SolveStatus.BREAKDOWN`, the failure policy applies, and the
+    minimum-norm least-squares solution (``pinv(A) @ b``) is returned instead of the huge,
+    meaningless one LU would give.
 
     Parameters
     ----------
@@ -38,26 +40,37 @@ class Direct(LinearSolver):
     tensor([0.1429, 0.5714], dtype=torch.float64)
     """
 
+    checks_true_residual = False  # a factorization: its accuracy is cond(A) * eps, not a tolerance
+
     def __init__(self, *, damping: float = 0.0, on_failure="warn") -> None:
         super().__init__(tol=0.0, maxiter=0, damping=damping, on_failure=on_failure)
 
     def solve(self, problem: LinearProblem) -> RawSolution:
         b = problem.b
-        eye = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
+        n = b.shape[-1]
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)
         try:
             columns = torch.func.vmap(problem.matvec)(eye)
         except RuntimeError:
             columns = torch.stack([problem.matvec(e) for e in eye])
         matrix = columns.T
+        lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+        pivot_sizes = lu.diagonal(dim1=-2, dim2=-1).abs()
+        # singular to working precision: a pivot negligible against the largest one (LU succeeds on a
+        # rank-deficient matrix rounded away from singular and returns a huge, meaningless x)
+        singular = (info != 0) | (pivot_sizes.min() <= n * torch.finfo(b.dtype).eps * pivot_sizes.max())
+        x = torch.linalg.lu_solve(lu, pivots, b.unsqueeze(-1)).squeeze(-1)
+        if any_true(singular):
+            # the minimum-norm least-squares solution instead (finite, never worse than x = 0)
+            x = torch.where(singular, torch.linalg.pinv(matrix) @ b, x)
+        finite = torch.isfinite(x).all()
+        status = torch.where(
+            ~finite,
+            int(SolveStatus.NONFINITE),
+            torch.where(singular, int(SolveStatus.BREAKDOWN), int(SolveStatus.CONVERGED)),
+        ).to(torch.int64)
+        x = torch.where(finite, x, torch.zeros_like(x))
+        one = torch.ones((), dtype=torch.int64, device=b.device)
         if problem.eager:
-            try:
-                x = torch.linalg.solve(matrix, b)
-            except RuntimeError as err:  # torch.linalg.LinAlgError subclasses RuntimeError
-                raise LinearSolveError(f"Direct: the operator is singular ({err})") from err
-            finite = bool(torch.isfinite(x).all())
-            status = SolveStatus.CONVERGED if finite else SolveStatus.NONFINITE
-            return RawSolution(x, status, 1, None)
-        x, info = torch.linalg.solve_ex(matrix, b)
-        ok = (info == 0) & torch.isfinite(x).all()
-        status = torch.where(ok, int(SolveStatus.CONVERGED), int(SolveStatus.BREAKDOWN)).to(torch.int64)
-        return RawSolution(x, status, torch.ones((), dtype=torch.int64, device=b.device), None)
+            return RawSolution(x, SolveStatus(int(status)), 1, None)
+        return RawSolution(x, status, one, None)
