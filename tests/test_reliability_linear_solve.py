@@ -184,3 +184,49 @@ def test_tolerance_below_precision_under_vmap_is_reported_per_batch():
         warnings.simplefilter("ignore")
         torch.func.vmap(lambda A, b: idiff.linear_solve(lambda v: A @ v, b, solver=idiff.CG(tol=1e-10, maxiter=300)).value)(As, bs)
     assert log[0].status != SolveStatus.CONVERGED and log[0].batch_failures >= 1
+
+
+# ---------------------------------------------------------------- the reported hypergradients, end to end
+
+
+def test_diverging_neumann_hypergradient_is_named_not_returned():
+    # Hessian 11 I with step 0.186: the series' ratio is |1 - 0.186 * 11| = 1.05 (it returned 1.1e18, exact -0.033)
+    obj = lambda w, t: 0.5 * 11 * (w**2).sum() - (t * w).sum()  # noqa: E731  (w* = t / 11)
+
+    def make(policy):
+        return idiff.implicit_diff(objective=obj, solver=idiff.Neumann(step_size=0.186, tol=1e-10, on_failure=policy))(
+            lambda w, t: t / 11
+        )
+
+    t = torch.tensor([1.0, -2.0, 0.5], dtype=DT, requires_grad=True)
+    with pytest.raises(idiff.LinearSolveError, match=r"DIVERGED.*step_size must be below 2 / lambda_max"):
+        make("raise")(torch.zeros(3, dtype=DT), t).sum().backward()
+    with pytest.warns(idiff.LinearSolveWarning, match="DIVERGED"):
+        make("warn")(torch.zeros(3, dtype=DT), t).sum().backward()
+    assert torch.isfinite(t.grad).all() and float(t.grad.abs().max()) <= 1.0  # never worse than the zero guess
+    # a step below 2 / 11 converges to the exact hypergradient 1/11
+    t.grad = None
+    good = idiff.implicit_diff(objective=obj, solver=idiff.Neumann(step_size=0.15, tol=1e-12))(lambda w, t: t / 11)
+    good(torch.zeros(3, dtype=DT), t).sum().backward()
+    assert torch.allclose(t.grad, torch.full((3,), 1 / 11, dtype=DT), atol=1e-10)
+
+
+def test_minres_on_a_rank_one_hessian_reports_least_squares_not_1e15():
+    a = torch.tensor([1.0, 2.0, -1.0], dtype=DT)
+    obj = lambda w, t: (a @ w - t) ** 2  # noqa: E731  Hessian 2 a a^T: singular
+    fit = idiff.implicit_diff(objective=obj, solver=idiff.MINRES(tol=1e-10), check_optimality=None)(
+        lambda w, t: a * t / (a @ a)
+    )
+    t = torch.tensor(0.7, dtype=DT, requires_grad=True)
+    with idiff.record_solves() as log, pytest.warns(idiff.LinearSolveWarning, match="LEAST_SQUARES"):
+        (fit(torch.zeros(3, dtype=DT), t) * torch.tensor([1.0, 0.0, 0.0], dtype=DT)).sum().backward()
+    assert log[-1].status == SolveStatus.LEAST_SQUARES
+    assert torch.isfinite(t.grad) and abs(float(t.grad)) < 10
+
+
+def test_cg_on_an_inconsistent_singular_system_blames_no_finite_input():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=DT))
+    with pytest.warns(idiff.LinearSolveWarning, match="NEGATIVE_CURVATURE"):
+        sol = idiff.linear_solve(lambda v: A @ v, torch.ones(4, dtype=DT), solver=idiff.CG(tol=1e-10))
+    assert torch.isfinite(sol.value).all()
+    assert true_residual(A, sol.value, torch.ones(4, dtype=DT)) <= 2.0  # never worse than x = 0
