@@ -257,6 +257,10 @@ class ImplicitFunction:
         return f"<implicit_diff {self.name} ({self.condition.name}, {self.solver!r}, mode={self.mode})>"
 
     # ------------------------------------------------------------------ calling
+    # torch.compile: the inner solver is arbitrary Python (loops on values, scipy, torch.optim) and
+    # the derivative rules read values through functorch's layers, so dynamo runs the call eagerly
+    # (one graph break) and compiles what surrounds it
+    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         init, args, kwargs = self._split_init(args, kwargs)
         if torch.is_inference_mode_enabled():
