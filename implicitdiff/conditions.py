@@ -37,6 +37,10 @@ class Condition:
         ``torch.func`` (cheaper than a ``torch.func.grad`` there): returns ``(residual,
         closes_over_grad)``, the flag telling whether the residual depends on a tensor that
         requires grad other than ``x``.
+    eager_graph : callable, optional
+        The residual by plain autograd with its graph (``create_graph=True``), for ``x`` whose
+        leaves require grad: the backward pass's products then run on a plain autograd graph,
+        which is cheaper per product than a graph of ``torch.func.grad``.
     """
 
     def __init__(
@@ -46,11 +50,13 @@ class Condition:
         symmetric: bool,
         name: str,
         eager: Callable[..., tuple[Any, bool]] | None = None,
+        eager_graph: Callable[..., Any] | None = None,
     ) -> None:
         self.fn = fn
         self.symmetric = symmetric
         self.name = name
         self.eager = eager
+        self.eager_graph = eager_graph
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         return self.fn(x, *args, **kwargs)
@@ -96,6 +102,7 @@ def stationarity_condition(objective: Callable[..., torch.Tensor]) -> Condition:
         symmetric=True,
         name=f"stationarity of {getattr(objective, '__name__', 'objective')}",
         eager=_eager_gradient(_scalar_objective(objective)),
+        eager_graph=_gradient_graph(_scalar_objective(objective)),
     )
 
 
@@ -113,6 +120,18 @@ def _eager_gradient(objective: Callable[..., torch.Tensor]) -> Callable[..., tup
         else:
             grads = (None,) * len(xs)
         return tree_unflatten(spec, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, xs)]), closure
+
+    return evaluate
+
+
+def _gradient_graph(objective: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+    """``grad_x objective`` with its graph, for ``x`` whose leaves require grad."""
+
+    def evaluate(x: Any, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten(x)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(objective(x, *args, **kwargs), leaves, create_graph=True, allow_unused=True)
+        return tree_unflatten(spec, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)])
 
     return evaluate
 
