@@ -249,9 +249,8 @@ def jaxopt_method(kind: str, data: dict[str, np.ndarray], tol: float) -> Callabl
 
 def optimistix_method(kind: str, data: dict[str, np.ndarray], tol: float) -> Callable[[], np.ndarray]:
     """Optimistix's implicit_jvp (the rule behind its ImplicitAdjoint) with a lineax CG, under jit."""
-    f, g = jax_fns(kind)
+    g = jax_fns(kind)[1]
     J = {k: jnp.asarray(v) for k, v in data.items()}
-    grad_f = jax.grad(f)
 
     primal = _optx_primal
     rewrite = _optx_rewrite_ridge if kind == "ridge" else _optx_rewrite_logistic
@@ -395,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "tol": args.tol,
     }
-    info["machine"] = f"{info['machine'].get('cpu', '?')}, {info['machine'].get('usable_cores', '?')} cores"
+    info["machine"] = f"{info['machine'].get('cpu_model', '?')}, {info['machine'].get('usable_cores', '?')} cores"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peer_comparison.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
     (args.out / "peer_comparison.md").write_text(to_markdown(rows, info))

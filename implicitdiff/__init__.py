@@ -15,7 +15,10 @@ Examples
 tensor([0.5000, 0.5000])
 """
 
+from . import projections, prox
+from ._version import __version__ as __version__
 from .conditions import Condition, fixed_point_condition, proximal_condition, stationarity_condition
+from .constrained import kkt_condition, projected_gradient_condition, proximal_gradient_condition
 from .diagnostics import FailurePolicy, SolveInfo, SolveStatus, record_solves
 from .errors import (
     ImplicitDiffError,
@@ -25,6 +28,7 @@ from .errors import (
     NonFiniteError,
 )
 from .implicit_diff import ImplicitFunction, implicit_diff
+from .inner_solvers import OptimizeResult, fista, projected_gradient
 from .linear_solve import LinearSolution, linear_solve
 from .solvers import (
     CG,
@@ -38,8 +42,6 @@ from .solvers import (
     NormalCG,
     RawSolution,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "implicit_diff",
@@ -60,6 +62,14 @@ __all__ = [
     "stationarity_condition",
     "fixed_point_condition",
     "proximal_condition",
+    "projected_gradient_condition",
+    "proximal_gradient_condition",
+    "kkt_condition",
+    "projections",
+    "prox",
+    "projected_gradient",
+    "fista",
+    "OptimizeResult",
     "SolveInfo",
     "SolveStatus",
     "FailurePolicy",

@@ -18,10 +18,12 @@ import torch
 
 PyTree = Any
 
-tree_flatten = optree.tree_flatten
-tree_unflatten = optree.tree_unflatten
-tree_map = optree.tree_map
-tree_structure = optree.tree_structure
+# Typed loosely: the pytrees here hold arbitrary user values, which optree's precise generic
+# signatures cannot describe.
+tree_flatten: Callable[..., Any] = optree.tree_flatten
+tree_unflatten: Callable[..., Any] = optree.tree_unflatten
+tree_map: Callable[..., Any] = optree.tree_map
+tree_structure: Callable[..., Any] = optree.tree_structure
 
 
 def leaves(tree: PyTree) -> list[Any]:

@@ -69,7 +69,8 @@ def _scalar_objective(objective: Callable[..., torch.Tensor]) -> Callable[..., t
     def checked(x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         value = objective(x, *args, **kwargs)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            what = type(value).__name__ if not isinstance(value, torch.Tensor) else f"a tensor of shape {tuple(value.shape)}"
+            what = (type(value).__name__ if not isinstance(value, torch.Tensor)
+                    else f"a tensor of shape {tuple(value.shape)}")
             raise ValueError(f"the objective must return a scalar tensor, got {what}")
         return value.reshape(())
 
@@ -115,6 +116,7 @@ def _eager_gradient(objective: Callable[..., torch.Tensor]) -> Callable[..., tup
         with torch.enable_grad():
             value = objective(tree_unflatten(spec, xs), *args, **kwargs)
         closure = _reaches_other_leaves(value, xs)
+        grads: tuple[torch.Tensor | None, ...]
         if value.requires_grad:
             grads = torch.autograd.grad(value, xs, allow_unused=True)
         else:

@@ -24,13 +24,13 @@ import functools
 import importlib
 import inspect
 import warnings
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, cast
 
 import optree
 import torch
 
 from ._functorch import ad_levels, is_wrapped, physical, under_functorch, under_vmap
-from ._tree import PyTree, Raveler, describe, tree_flatten, tree_unflatten
+from ._tree import PyTree, Raveler, describe, tree_flatten, tree_map, tree_unflatten
 from .conditions import Condition, fixed_point_condition, stationarity_condition
 from .diagnostics import SolveInfo, SolveStatus, report
 from .errors import ImplicitDiffError, InnerOptimalityWarning, NonFiniteError
@@ -78,14 +78,14 @@ class _Call:
     __slots__ = ("fn", "init_spec", "arg_spec", "n_init", "sol_spec", "n_sol", "raveler", "aux_spec",
                  "aux_static", "aux_is_tensor")
 
-    def __init__(self, fn: "ImplicitFunction", init_spec: Any, arg_spec: Any, n_init: int) -> None:
+    def __init__(self, fn: ImplicitFunction, init_spec: Any, arg_spec: Any, n_init: int) -> None:
         self.fn = fn
         self.init_spec = init_spec
         self.arg_spec = arg_spec
         self.n_init = n_init
         self.sol_spec: Any = None
         self.n_sol = 0
-        self.raveler: Raveler | None = None
+        self.raveler: Raveler = cast(Raveler, None)  # set with the solution's structure, before any use
         self.aux_spec: Any = None
         self.aux_static: list[Any] = []
         self.aux_is_tensor: list[bool] = []
@@ -143,7 +143,9 @@ class _InnerSolve(torch.autograd.Function):
         return (None,) * ctx.n_out
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple[Any, ...], call: _Call, *leaves: Any) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], call: _Call, *leaves: Any
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
         dims = in_dims[1:]
         if call.fn.vmap_inner == "batched":
             outs = call.fn._run_inner_batched(call, leaves, dims)
@@ -356,7 +358,7 @@ class ImplicitFunction:
         """Under ``torch.inference_mode()`` nothing is differentiated, but the inner solver may need autograd:
         run it outside inference mode on ordinary copies of the inference tensors."""
         with torch.inference_mode(False):
-            init, args, kwargs = optree.tree_map(
+            init, args, kwargs = tree_map(
                 lambda x: x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x, (init, args, kwargs)
             )
             return self(init, *args, **kwargs)
@@ -429,7 +431,9 @@ class ImplicitFunction:
         solution, aux = self._split_aux(out)
         sol_leaves, spec = tree_flatten(solution)
         self._describe_solution(call, sol_leaves, spec)
-        inputs = {x.untyped_storage().data_ptr() for x in detached if isinstance(x, torch.Tensor) and x.device.type != "meta"}
+        inputs = {
+            x.untyped_storage().data_ptr() for x in detached if isinstance(x, torch.Tensor) and x.device.type != "meta"
+        }
         sol_leaves = [self._own(x, inputs) for x in sol_leaves]
         self._check_devices(sol_leaves, arg_leaves)
         self._check_finite(sol_leaves)
@@ -442,7 +446,9 @@ class ImplicitFunction:
             aux_tensors = [self._own(a, inputs) for a in aux_leaves if isinstance(a, torch.Tensor)]
         return tuple(sol_leaves) + tuple(aux_tensors)
 
-    def _guarded(self, fn: Callable[[], Any], where: str, arg_leaves: Sequence[Any], sol_leaves: Sequence[Any] | None) -> Any:
+    def _guarded(
+        self, fn: Callable[[], Any], where: str, arg_leaves: Sequence[Any], sol_leaves: Sequence[Any] | None
+    ) -> Any:
         """Run user code, turning two raw torch errors into ones that name the cause and the fix."""
         try:
             return fn()
@@ -452,7 +458,9 @@ class ImplicitFunction:
                 raise ImplicitDiffError(_MUTATION_HINT.format(name=self.name, where=where)) from err
             if sol_leaves is not None and "dtype" in text.lower():
                 sol_dt = sorted({str(x.dtype) for x in sol_leaves})
-                arg_dt = sorted({str(a.dtype) for a in arg_leaves if isinstance(a, torch.Tensor) and a.is_floating_point()})
+                arg_dt = sorted(
+                    {str(a.dtype) for a in arg_leaves if isinstance(a, torch.Tensor) and a.is_floating_point()}
+                )
                 if arg_dt and sol_dt != arg_dt:
                     raise ImplicitDiffError(
                         f"{self.name}: dtype mismatch: the solution is {', '.join(sol_dt)} but the floating-point "
@@ -508,7 +516,9 @@ class ImplicitFunction:
             call.sol_spec = spec
             return tuple(x.detach() for x in sol_leaves)
 
-        sols = self._guarded(lambda: torch.func.vmap(one, in_dims=tuple(dims))(*detached), "the inner solver", arg_leaves, None)
+        sols = self._guarded(
+            lambda: torch.func.vmap(one, in_dims=tuple(dims))(*detached), "the inner solver", arg_leaves, None
+        )
         self._check_unmodified(arg_leaves, versions, call.args(arg_leaves))
         per_spec = call.sol_spec
         unbatched = [s[0] for s in sols]
@@ -537,14 +547,20 @@ class ImplicitFunction:
         if eager is not None and not under_functorch():
             # plain autograd outside torch.func: cheaper than torch.func.grad for this per-call check
             residual, closure = self._guarded(
-                lambda: eager(x, *args, **kwargs), f"the optimality condition ({self.condition.name})", arg_leaves, sol_leaves
+                lambda: eager(x, *args, **kwargs),
+                f"the optimality condition ({self.condition.name})",
+                arg_leaves,
+                sol_leaves,
             )
             if closure:
                 raise ImplicitDiffError(_CLOSURE_MESSAGE.format(name=self.name))
         else:
             with torch.enable_grad():
                 residual = self._guarded(
-                    lambda: self.condition(x, *args, **kwargs), f"the optimality condition ({self.condition.name})", arg_leaves, sol_leaves
+                    lambda: self.condition(x, *args, **kwargs),
+                    f"the optimality condition ({self.condition.name})",
+                    arg_leaves,
+                    sol_leaves,
                 )
         if any(v is not None and s._version != v for s, v in zip(sol_leaves, versions)):
             raise ImplicitDiffError(
@@ -589,7 +605,8 @@ class ImplicitFunction:
         """Evaluate F at the solution (every call): validate its structure, find closures, check optimality."""
         residual = self._residual(call, sol_leaves, arg_leaves)
         self._validate_residual(call, residual, sol_leaves, arg_leaves)
-        if self.check_optimality is None or (self.mode == "unrolled" and isinstance(self.check_optimality, _DefaultTolerance)):
+        default_tol = isinstance(self.check_optimality, _DefaultTolerance)
+        if self.check_optimality is None or (self.mode == "unrolled" and default_tol):
             return  # unrolled mode differentiates the iterations as they are: stationarity is not assumed
         args, kwargs = call.args(arg_leaves)
         with torch.no_grad():
@@ -599,7 +616,9 @@ class ImplicitFunction:
         ref = float("inf") if res <= floor else self._reference_norm(call, init_leaves, args, kwargs)
         self._report_optimality(res, ref, floor=floor)
 
-    def _reference_norm(self, call: _Call, init_leaves: Sequence[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+    def _reference_norm(
+        self, call: _Call, init_leaves: Sequence[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> float:
         """||F(init)||, or 1 when init has another structure than the solution (the tolerance is then absolute)."""
         try:
             init = tree_unflatten(call.sol_spec, list(init_leaves))
@@ -612,6 +631,7 @@ class ImplicitFunction:
 
     def _report_optimality(self, res: float, ref: float, task: str = "", floor: float = 0.0) -> None:
         tol = self.check_optimality
+        assert tol is not None  # callers return early when the check is off
         rel = res / ref if ref > 0 else (0.0 if res == 0 else float("inf"))
         # solved to rounding counts as solved, also when init was already close (a warm start)
         ok = rel <= tol or res <= floor
@@ -629,10 +649,10 @@ class ImplicitFunction:
         report(info, "ignore")
         if not ok and res == res:
             warnings.warn(
-                f"{self.name}: the inner solution does not satisfy its optimality condition{task}: ||F(x*)|| = {res:.3e}, "
-                f"{rel:.3e} times ||F(init)|| (tolerance {tol:g}). The implicit gradient is taken at "
-                "a non-stationary point and may be wrong: run the inner solver longer or more accurately "
-                "(or pass check_optimality=None to silence this check).",
+                f"{self.name}: the inner solution does not satisfy its optimality condition{task}: "
+                f"||F(x*)|| = {res:.3e}, {rel:.3e} times ||F(init)|| (tolerance {tol:g}). "
+                "The implicit gradient is taken at a non-stationary point and may be wrong: run the inner solver "
+                "longer or more accurately (or pass check_optimality=None to silence this check).",
                 InnerOptimalityWarning,
                 stacklevel=5,
             )
@@ -650,7 +670,9 @@ class ImplicitFunction:
         if self.check_optimality is None:
             return
 
-        def norms(sol: tuple[torch.Tensor, ...], init: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        def norms(
+            sol: tuple[torch.Tensor, ...], init: tuple[Any, ...], args: tuple[Any, ...]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             a, kw = call.args(list(args))
             r = call.raveler.ravel(self.condition(tree_unflatten(call.sol_spec, list(sol)), *a, **kw))
             try:
@@ -669,7 +691,8 @@ class ImplicitFunction:
         if not same:
             ref = torch.ones_like(ref)
         floor = _rounding_floor([s[0] for s in sols])
-        for i, (r, f) in enumerate(zip(physical(res.detach()).reshape(-1).tolist(), physical(ref.detach()).reshape(-1).tolist())):
+        residuals, references = physical(res.detach()).reshape(-1).tolist(), physical(ref.detach()).reshape(-1).tolist()
+        for i, (r, f) in enumerate(zip(residuals, references)):
             self._report_optimality(r, f, f" (task {i} of a batched solve)", floor)
 
     # ------------------------------------------------------------------ derivatives
@@ -704,6 +727,7 @@ class ImplicitFunction:
 
                 return mv
 
+            assert transpose_products is not None  # asked for above (transpose=True on this path)
             u, info = solve_flat(
                 self.solver,
                 transpose_products,
@@ -736,8 +760,8 @@ class ImplicitFunction:
         built once and reused.
         """
         rav = call.raveler
-        r0, vjp_b = torch.func.vjp(call.residual_in(sol, args, moving), *[args[i] for i in moving])
-        _, jvp_b = torch.func.vjp(lambda u: vjp_b(u), torch.zeros_like(r0))
+        r0, vjp_b = torch.func.vjp(call.residual_in(sol, args, moving), *[args[i] for i in moving])  # type: ignore[misc]  # typed as a 2- or 3-tuple
+        _, jvp_b = torch.func.vjp(lambda u: vjp_b(u), torch.zeros_like(r0))  # type: ignore[misc]  # typed as a 2- or 3-tuple
         b_dtheta = jvp_b(tuple(tangents))[0]
         if self.mode == "one_step":
             t = -b_dtheta
@@ -760,7 +784,7 @@ class ImplicitFunction:
         # pickled by reference, like the function it decorates (it replaces that function in its module)
         module, qualname = getattr(self, "__module__", None), getattr(self, "__qualname__", None)
         try:
-            found = _import_by_name(module, qualname)
+            found = _import_by_name(module, qualname)  # type: ignore[arg-type]  # None: TypeError, caught
         except (ImportError, AttributeError, TypeError):
             found = None
         if found is not self:
@@ -865,7 +889,7 @@ def _products(
     inside a forward-mode rule, where torch cannot open another forward-AD level.
     """
     rav = call.raveler
-    _, vjp_x = torch.func.vjp(lambda *xs: call.residual(xs, args), *sol)
+    _, vjp_x = torch.func.vjp(lambda *xs: call.residual(xs, args), *sol)  # type: ignore[misc]  # typed as a 2- or 3-tuple
 
     def transpose_products(v: torch.Tensor) -> torch.Tensor:
         return rav.ravel(tree_unflatten(call.sol_spec, list(vjp_x(v))))
@@ -873,7 +897,7 @@ def _products(
     if symmetric:
         return transpose_products, transpose_products
     zero = torch.zeros(rav.size, dtype=rav.dtype, device=sol[0].device)
-    _, jvp_x = torch.func.vjp(transpose_products, zero)
+    _, jvp_x = torch.func.vjp(transpose_products, zero)  # type: ignore[misc]  # typed as a 2- or 3-tuple
     return transpose_products, lambda v: jvp_x(v)[0]
 
 
@@ -961,12 +985,12 @@ def _linearize(
 
     transpose_products = None
     if transpose:
-        _, vjp_x = torch.func.vjp(lambda *xs: call.residual(xs, args), *sol)
+        _, vjp_x = torch.func.vjp(lambda *xs: call.residual(xs, args), *sol)  # type: ignore[misc]  # typed as a 2- or 3-tuple
 
         def transpose_products(v: torch.Tensor) -> torch.Tensor:
             return rav.ravel(tree_unflatten(call.sol_spec, list(vjp_x(v))))
 
-    _, vjp_args = torch.func.vjp(call.residual_in(sol, args, wanted), *[args[i] for i in wanted])
+    _, vjp_args = torch.func.vjp(call.residual_in(sol, args, wanted), *[args[i] for i in wanted])  # type: ignore[misc]  # typed as a 2- or 3-tuple
     return transpose_products, vjp_args
 
 
@@ -984,7 +1008,8 @@ def _captures_transformed_tensor(fn: Any, depth: int = 0) -> bool:
     if isinstance(fn, Condition):
         return _captures_transformed_tensor(fn.fn, depth + 1)
     if isinstance(fn, functools.partial):
-        if any(isinstance(a, torch.Tensor) and (is_wrapped(a) or a.requires_grad) for a in (*fn.args, *fn.keywords.values())):
+        bound = (*fn.args, *fn.keywords.values())
+        if any(isinstance(a, torch.Tensor) and (is_wrapped(a) or a.requires_grad) for a in bound):
             return True
         return _captures_transformed_tensor(fn.func, depth + 1)
     for cell in getattr(fn, "__closure__", None) or ():
@@ -1001,7 +1026,8 @@ def _captures_transformed_tensor(fn: Any, depth: int = 0) -> bool:
 
 
 def _make_condition(optimality_fn: Any, objective: Any, fixed_point: Any) -> Condition:
-    given = {k: v for k, v in (("optimality_fn", optimality_fn), ("objective", objective), ("fixed_point", fixed_point)) if v is not None}
+    named = (("optimality_fn", optimality_fn), ("objective", objective), ("fixed_point", fixed_point))
+    given = {k: v for k, v in named if v is not None}
     if len(given) != 1:
         raise ValueError(
             "implicit_diff needs exactly one of optimality_fn (root form F(x, ...) = 0), objective (x minimizes "
@@ -1038,7 +1064,10 @@ def implicit_diff(
     condition :math:`F(x^\star, \theta) = 0` and :math:`\theta` stands for ``args`` and
     ``kwargs``. By the implicit function theorem
 
-    .. math:: \frac{\partial x^\star}{\partial\theta} = -\Big(\frac{\partial F}{\partial x}\Big)^{-1}\frac{\partial F}{\partial\theta},
+    .. math::
+
+        \frac{\partial x^\star}{\partial\theta}
+        = -\Big(\frac{\partial F}{\partial x}\Big)^{-1}\frac{\partial F}{\partial\theta},
 
     so a hypergradient costs one linear solve with :math:`\partial F/\partial x`, done
     matrix-free by ``solver``, whatever the inner solver did to find :math:`x^\star`.

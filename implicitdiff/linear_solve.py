@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, cast
 
 import torch
 
@@ -35,7 +35,9 @@ class LinearSolution(NamedTuple):
 def check_solver(solver: Any, where: str) -> LinearSolver:
     """Reject anything that is not a :class:`LinearSolver` instance, with a hint (private)."""
     if isinstance(solver, type) and issubclass(solver, LinearSolver):
-        raise TypeError(f"{where}: solver must be a solver instance, got the class {solver.__name__}; write {solver.__name__}()")
+        raise TypeError(
+            f"{where}: solver must be a solver instance, got the class {solver.__name__}; write {solver.__name__}()"
+        )
     if not isinstance(solver, LinearSolver):
         raise TypeError(
             f"{where}: solver must be an implicitdiff.LinearSolver (e.g. idiff.CG(), idiff.GMRES()), "
@@ -87,14 +89,16 @@ def solve_flat(
         return torch.zeros_like(b), info
     if eager:
         if not bool(torch.isfinite(b).all()):
-            info = SolveInfo(name, kind, SolveStatus.NONFINITE, 0, float("nan"), float("nan"), function, "right-hand side")
+            info = SolveInfo(
+                name, kind, SolveStatus.NONFINITE, 0, float("nan"), float("nan"), function, "right-hand side"
+            )
             raise NonFiniteError(
                 f"{name}{where}: the right-hand side has non-finite values (NaN or inf): "
                 "the outer loss or its gradient is not finite",
                 info,
             )
         scale_t = b.detach().abs().amax()
-        scale = float(scale_t)
+        scale: Any = float(scale_t)  # a float when eager, else a 0-d tensor
         if scale == 0.0:  # A x = 0 has the solution 0: no iterations, no division by zero
             info = SolveInfo(name, kind, SolveStatus.CONVERGED, 0, 0.0, 0.0, function)
             report(info, solver.on_failure)
@@ -142,8 +146,8 @@ def solve_flat(
     )
     raw = solver.solve(problem)
     if not eager:
-        x, status, iterations, res = _verify_batched(solver, problem, raw, op, bnorm, x0 is not None)
-        info = _batched_info(solver, status, iterations, res, bnorm, scale, kind, function)
+        x, statuses, iteration_counts, res = _verify_batched(solver, problem, raw, op, bnorm, x0 is not None)
+        info = _batched_info(solver, statuses, iteration_counts, res, bnorm, scale, kind, function)
         report(info, solver.on_failure)
         return x * scale, info
     x, status, iterations, res_n, note = _verify(solver, problem, raw, op, float(bnorm), x0 is not None)
@@ -190,7 +194,8 @@ def _verify(
                     break
                 rerun = solver.solve(dataclasses.replace(problem, x0=x, maxiter=remaining))
                 iterations += int(rerun.iterations)
-                new_res = float(_true_residual(op, problem.b, rerun.x)) if bool(torch.isfinite(rerun.x).all()) else float("inf")
+                rerun_finite = bool(torch.isfinite(rerun.x).all())
+                new_res = float(_true_residual(op, problem.b, rerun.x)) if rerun_finite else float("inf")
                 improved = new_res < 0.5 * res
                 if new_res < res:
                     x, res = rerun.x, new_res
@@ -214,7 +219,8 @@ def _verify(
                 )
     if not status.ok and solver.tol is not None and 0 < solver.tol < 10 * torch.finfo(problem.b.dtype).eps:
         precision = (
-            f"tol={solver.tol:g} is below what {problem.b.dtype} can reach (eps {torch.finfo(problem.b.dtype).eps:.1e}): "
+            f"tol={solver.tol:g} is below what {problem.b.dtype} can reach "
+            f"(eps {torch.finfo(problem.b.dtype).eps:.1e}): "
             "loosen tol or solve in float64"
         )
         note = f"{note}; {precision}" if note else precision
@@ -374,7 +380,9 @@ class _RefuseHigherOrder(torch.autograd.Function):
 class _Operator:
     """The flat operator of one :func:`linear_solve` call, for the derivative solves of :class:`_Inverse`."""
 
-    def __init__(self, solver: LinearSolver, matvec: Callable, rmatvec: Callable | None, raveler: Raveler, like: torch.Tensor) -> None:
+    def __init__(
+        self, solver: LinearSolver, matvec: Callable, rmatvec: Callable | None, raveler: Raveler, like: torch.Tensor
+    ) -> None:
         self.solver = solver
         self.matvec = matvec
         self.raveler = raveler
@@ -385,7 +393,7 @@ class _Operator:
         if self.solver.requires_symmetric:
             return self.matvec
         if self._rmatvec is None:
-            _, vjp = torch.func.vjp(self.matvec, torch.zeros_like(self.like))
+            _, vjp = torch.func.vjp(self.matvec, torch.zeros_like(self.like))  # type: ignore[misc]  # typed as a 2- or 3-tuple
             self._rmatvec = lambda u: vjp(u)[0]
         return self._rmatvec
 
@@ -393,7 +401,8 @@ class _Operator:
         mv = self.rmatvec() if transpose else self.matvec
         rmv = self.matvec if transpose else self._rmatvec
         try:
-            out = _solve_differentiable(self.solver, mv, rmv, rhs, self.raveler, kind="adjoint" if transpose else "tangent")
+            out = cast(torch.Tensor, _solve_differentiable(self.solver, mv, rmv, rhs, self.raveler,
+                                                           kind="adjoint" if transpose else "tangent"))
         except RuntimeError as err:
             if "level" in str(err) and "INTERNAL ASSERT" in str(err):
                 raise ImplicitDiffError(_HIGHER_ORDER_MESSAGE) from err
@@ -431,7 +440,7 @@ def _solve_differentiable(
     else:
 
         def factory() -> Callable[[torch.Tensor], torch.Tensor]:  # A^T by a vjp of the (un-detached) matvec
-            _, vjp = torch.func.vjp(flat_mv, torch.zeros_like(b.detach()))
+            _, vjp = torch.func.vjp(flat_mv, torch.zeros_like(b.detach()))  # type: ignore[misc]  # typed as a 2- or 3-tuple
             return lambda u: vjp(u)[0].detach()
 
     detached_mv = lambda v: flat_mv(v).detach()  # noqa: E731  (no graph and no tangents in the iterations)
@@ -529,13 +538,17 @@ def linear_solve(
     flat_mv = _private(_square_checked(raveler, matvec, "matvec"), raveler.single)
     flat_rmv = None if rmatvec is None else _private(_square_checked(raveler, rmatvec, "rmatvec"), raveler.single)
     if x0 is not None and (tree_structure(x0) != raveler.spec or [t.shape for t in leaves(x0)] != raveler.shapes):
-        raise ImplicitDiffError(f"linear_solve: x0 must have the structure and shapes of b ({describe(b)}), got {describe(x0)}")
+        raise ImplicitDiffError(
+            f"linear_solve: x0 must have the structure and shapes of b ({describe(b)}), got {describe(x0)}"
+        )
     x0_flat = None if x0 is None else raveler.ravel(x0)
     x, info = _solve_differentiable(solver, flat_mv, flat_rmv, raveler.ravel(b), raveler, x0=x0_flat)
     return LinearSolution(raveler.unravel(x), info)
 
 
-def _square_checked(raveler: Raveler, fn: Callable[[PyTree], PyTree], what: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _square_checked(
+    raveler: Raveler, fn: Callable[[PyTree], PyTree], what: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``fn`` on flat vectors; its output must have b's structure and shapes (a square operator)."""
 
     def flat(v: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Command line: ``python -m applications.hyperparameter_tuning {regularization,distillation,equilibrium}``.
 
 ``--quick`` runs a small version (seconds to a minute on a laptop CPU); ``--out`` chooses the output
-folder (default ``outputs/hyperparameter_tuning/<app>/``).
+folder (default ``outputs/hyperparameter_tuning/<app>/``); progress bars (rate and ETA) go to stderr
+unless ``--no-progress``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ APPS = ("regularization", "distillation", "equilibrium")
 def _regularization(args: argparse.Namespace, out: Path) -> list[Path]:
     written = []
     for dataset in args.datasets:
-        config = regularization.RegularizationConfig(dataset=dataset, seed=args.seed, device=args.device)
+        config = regularization.RegularizationConfig(dataset=dataset, seed=args.seed, device=args.device,
+                                                     max_samples=args.max_samples)
         if args.quick:
             config.outer_steps, config.unrolled_steps = 15, 30
             config.sklearn_cs = [10.0**e for e in range(-4, 5)]
-        regularization.run(config, out)
+        regularization.run(config, out, progress=not args.no_progress)
         table = out / f"{dataset}_table.md"
         print(f"\n{dataset}:\n{table.read_text()}")
         written.append(table)
@@ -33,19 +35,19 @@ def _regularization(args: argparse.Namespace, out: Path) -> list[Path]:
 
 
 def _distillation(args: argparse.Namespace, out: Path) -> list[Path]:
-    config = distillation.DistillationConfig(seed=args.seed, device=args.device)
+    config = distillation.DistillationConfig(seed=args.seed, device=args.device, max_samples=args.max_samples)
     if args.quick:
         config.outer_steps, config.random_baseline_seeds = 25, 5
-    distillation.run(config, out)
+    distillation.run(config, out, progress=not args.no_progress)
     print((out / "table.md").read_text())
     return [out / "table.md"]
 
 
 def _equilibrium(args: argparse.Namespace, out: Path) -> list[Path]:
-    config = equilibrium.EquilibriumConfig(seed=args.seed, device=args.device)
+    config = equilibrium.EquilibriumConfig(seed=args.seed, device=args.device, max_samples=args.max_samples)
     if args.quick:
         config.train_steps, config.hidden = 15, 32
-    equilibrium.run(config, out)
+    equilibrium.run(config, out, progress=not args.no_progress)
     for name in ("training_table.md", "gradient_table.md", "forward_table.md"):
         print((out / name).read_text())
     return [out / "training_table.md"]
@@ -56,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m applications.hyperparameter_tuning", description=__doc__)
     parser.add_argument("app", choices=APPS, help="which application to run")
     parser.add_argument("--quick", action="store_true", help="small, fast version")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default outputs/hyperparameter_tuning/<app>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default outputs/hyperparameter_tuning/<app>)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and initializations")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
@@ -67,15 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="datasets of the regularization application",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--max-samples", type=int, default=None, help="subsample the dataset (quick checks)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.device(args.device)  # fail early on a malformed device string
     out = args.out or Path("outputs") / "hyperparameter_tuning" / args.app
-    start = time.perf_counter()
+    start, wall_start = time.perf_counter(), time.time() - 1.0  # (file times may be rounded to the second)
     runner = {"regularization": _regularization, "distillation": _distillation, "equilibrium": _equilibrium}[args.app]
     runner(args, out)
-    print(f"wrote results to {out} in {time.perf_counter() - start:.1f} s")
+    written = sorted(p.name for p in Path(out).iterdir() if p.is_file() and p.stat().st_mtime >= wall_start)
+    print(f"wrote results to {out}/ in {time.perf_counter() - start:.1f} s: {', '.join(written)}")
     return 0
 
 

@@ -150,7 +150,7 @@ def load_split(
         y_test=labels(test_index),
         feature_mean=torch.as_tensor(mean, dtype=dtype, device=device),
         feature_scale=torch.as_tensor(scale, dtype=dtype, device=device),
-        n_classes=int(len(np.unique(y))),
+        n_classes=len(np.unique(y)),
         image_shape=DATASETS[name],
         train_index=np.asarray(train_index),
         val_index=np.asarray(val_index),

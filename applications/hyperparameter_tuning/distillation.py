@@ -24,6 +24,7 @@ import torch
 
 import implicitdiff as idiff
 
+from ..progress import progress_bar
 from .datasets import StandardizedSplit, load_split
 from .lbfgs import minimize_lbfgs
 from .logistic_model import accuracy, cross_entropy, init_params, penalized_cross_entropy
@@ -121,7 +122,9 @@ def train_on(x: torch.Tensor, y: torch.Tensor, penalty: float, n_classes: int, c
     """Train the logistic regression on ``(x, y)`` precisely (no differentiation)."""
     objective = make_inner_objective(penalty)
     init = init_params(x.shape[1], n_classes, dtype=x.dtype, device=x.device)
-    return minimize_lbfgs(lambda p: objective(p, x, y), init, max_iter=config.inner_max_iter, grad_tol=config.inner_grad_tol).solution
+    return minimize_lbfgs(
+        lambda p: objective(p, x, y), init, max_iter=config.inner_max_iter, grad_tol=config.inner_grad_tol
+    ).solution
 
 
 @dataclass
@@ -149,8 +152,10 @@ class DistillationRun:
     seconds: float
 
 
-def distill(split: StandardizedSplit, config: DistillationConfig) -> DistillationRun:
+def distill(split: StandardizedSplit, config: DistillationConfig, *, progress: bool = False) -> DistillationRun:
     """Learn one synthetic image per class by hypergradient descent on the real training loss.
+
+    ``progress``: a progress bar over the outer steps (rate and ETA) on stderr.
 
     Examples
     --------
@@ -170,6 +175,7 @@ def distill(split: StandardizedSplit, config: DistillationConfig) -> Distillatio
     losses: list[float] = []
     test_accuracies: list[float] = []
     seconds = 0.0
+    bar = progress_bar(config.outer_steps, "distillation: hypergradient descent", unit="step", enabled=progress)
     for _ in range(config.outer_steps):
         start = time.perf_counter()
         trained = fit(params, images, labels)
@@ -181,6 +187,9 @@ def distill(split: StandardizedSplit, config: DistillationConfig) -> Distillatio
         params = {k: v.detach() for k, v in trained.items()}  # warm start of the next inner solve
         losses.append(float(loss.detach()))
         test_accuracies.append(accuracy(params, split.x_test, split.y_test))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", test_acc=f"{test_accuracies[-1]:.3f}")
+        bar.update(1)
+    bar.close()
     final = train_on(images.detach(), labels, config.inner_penalty, split.n_classes, config)
     losses.append(float(distillation_loss(final, split.x_train, split.y_train)))
     test_accuracies.append(accuracy(final, split.x_test, split.y_test))
@@ -233,28 +242,36 @@ def _plot_curves(result: DistillationRun, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def run(config: DistillationConfig, out_dir: Path) -> dict:
+def run(config: DistillationConfig, out_dir: Path, *, progress: bool = False) -> dict:
     """Distill ``digits`` into ten images, compare with the baselines, write results to ``out_dir``.
 
     Writes ``results.json``, ``table.md``, ``distilled_images.png`` and ``curves.png``; returns the
-    JSON content.
+    JSON content. ``progress``: a progress bar of the distillation on stderr.
     """
     torch.manual_seed(config.seed)
     split = load_split("digits", seed=config.seed, max_samples=config.max_samples, device=config.device)
-    result = distill(split, config)
+    result = distill(split, config, progress=progress)
     random_accuracies = random_real_images_accuracy(split, config)
     start = time.perf_counter()
     full_model = train_on(split.x_train, split.y_train, config.full_data_penalty, split.n_classes, config)
     full_seconds = time.perf_counter() - start
     rows = [
-        {"training set": "10 random noise images (start)", "images": split.n_classes, "test accuracy": result.test_accuracies[0]},
+        {
+            "training set": "10 random noise images (start)",
+            "images": split.n_classes,
+            "test accuracy": result.test_accuracies[0],
+        },
         {
             "training set": f"10 random real images (mean ± std over {config.random_baseline_seeds} draws)",
             "images": split.n_classes,
             "test accuracy": f"{np.mean(random_accuracies):.4f} ± {np.std(random_accuracies):.4f}",
         },
         {"training set": "10 distilled images", "images": split.n_classes, "test accuracy": result.test_accuracies[-1]},
-        {"training set": "full training set", "images": len(split.y_train), "test accuracy": accuracy(full_model, split.x_test, split.y_test)},
+        {
+            "training set": "full training set",
+            "images": len(split.y_train),
+            "test accuracy": accuracy(full_model, split.x_test, split.y_test),
+        },
     ]
     out_dir = Path(out_dir)
     results = {

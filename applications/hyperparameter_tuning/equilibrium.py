@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import implicitdiff as idiff
 
+from ..progress import progress_bar
 from .datasets import StandardizedSplit, load_split
 from .dense_reference import fixed_point_gradient
 from .fixed_point_solvers import anderson_acceleration, fixed_point_iteration
@@ -99,9 +100,16 @@ class EquilibriumConfig:
 
 
 def init_model(
-    n_features: int, hidden: int, n_classes: int, *, seed: int = 0, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"
+    n_features: int,
+    hidden: int,
+    n_classes: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
 ) -> Params:
-    """Random initial weights: ``W (h, h)``, ``U (h, d)``, ``b (h,)`` of the layer, ``V (k, h)``, ``c (k,)`` of the readout.
+    """Random initial weights: ``W (h, h)``, ``U (h, d)``, ``b (h,)`` of the layer; ``V (k, h)``, ``c (k,)``
+    of the readout.
 
     Examples
     --------
@@ -207,8 +215,12 @@ def _predict(layer: Callable[..., torch.Tensor], params: Params, x: torch.Tensor
         return (z @ params["V"].T + params["c"]).argmax(dim=-1)
 
 
-def train(split: StandardizedSplit, config: EquilibriumConfig, backward: str = "gmres") -> TrainingRun:
+def train(
+    split: StandardizedSplit, config: EquilibriumConfig, backward: str = "gmres", *, progress: bool = False
+) -> TrainingRun:
     """Full-batch Adam training of the equilibrium model with the given backward solver.
+
+    ``progress``: a progress bar over the training steps (rate and ETA) on stderr.
 
     Examples
     --------
@@ -220,7 +232,9 @@ def train(split: StandardizedSplit, config: EquilibriumConfig, backward: str = "
     dtype, device = split.x_train.dtype, split.x_train.device
     params = {
         k: v.requires_grad_(True)
-        for k, v in init_model(split.n_features, config.hidden, split.n_classes, seed=config.seed, dtype=dtype, device=device).items()
+        for k, v in init_model(
+            split.n_features, config.hidden, split.n_classes, seed=config.seed, dtype=dtype, device=device
+        ).items()
     }
     solver = make_backward_solver(backward, config.backward_tol, config.backward_maxiter, config.gmres_restart)
     layer, forward_iterations = make_equilibrium_layer(config, solver)
@@ -228,6 +242,8 @@ def train(split: StandardizedSplit, config: EquilibriumConfig, backward: str = "
     z = split.x_train.new_zeros(split.x_train.shape[0], config.hidden)
     losses, backward_iterations, residuals = [], [], []
     start = time.perf_counter()
+    bar = progress_bar(config.train_steps, f"equilibrium training ({backward} backward)", unit="step",
+                       enabled=progress)
     for _ in range(config.train_steps):
         with idiff.record_solves() as log:
             z_star = layer(z, params, split.x_train)
@@ -242,11 +258,17 @@ def train(split: StandardizedSplit, config: EquilibriumConfig, backward: str = "
         backward_iterations.append(int(solves[0].iterations))
         residuals.append(float(solves[0].relative_residual))
         losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.update(1)
+    bar.close()
     seconds = time.perf_counter() - start
     trained = {k: v.detach() for k, v in params.items()}
     predictions = _predict(layer, trained, split.x_test, config.hidden)
     test_accuracy = float((predictions == split.y_test).double().mean())
-    return TrainingRun(backward, trained, losses, forward_iterations[: config.train_steps], backward_iterations, residuals, seconds, test_accuracy)
+    return TrainingRun(
+        backward, trained, losses, forward_iterations[: config.train_steps], backward_iterations, residuals, seconds,
+        test_accuracy,
+    )
 
 
 def _flat(tree: Params) -> torch.Tensor:
@@ -281,7 +303,9 @@ def gradient_accuracy(
     """
     step = make_equilibrium_step(config.contraction)
     z_start = x.new_zeros(x.shape[0], config.hidden)
-    forward = anderson_acceleration(lambda z: step(z, params, x), z_start, tol=config.forward_tol, max_iter=config.forward_max_iter)
+    forward = anderson_acceleration(
+        lambda z: step(z, params, x), z_start, tol=config.forward_tol, max_iter=config.forward_max_iter
+    )
     reference = _flat(fixed_point_gradient(step, classification_loss, forward.solution, params, x, y))
     rows = []
     for name, tol, maxiter in settings:
@@ -295,7 +319,7 @@ def gradient_accuracy(
                 start = time.perf_counter()
                 grads = torch.autograd.grad(loss, list(leaves.values()))
                 best = min(best, time.perf_counter() - start)
-        info = [i for i in log if i.kind == "backward"][0]
+        info = next(i for i in log if i.kind == "backward")
         estimate = _flat(dict(zip(leaves, grads)))
         rows.append(
             {
@@ -314,10 +338,14 @@ def _forward_comparison(params: Params, x: torch.Tensor, config: EquilibriumConf
     step = make_equilibrium_step(config.contraction)
     z_start = x.new_zeros(x.shape[0], config.hidden)
     rows = []
-    for label, solve in (("fixed-point iteration", fixed_point_iteration), ("Anderson acceleration (m=5)", anderson_acceleration)):
+    solvers = (("fixed-point iteration", fixed_point_iteration), ("Anderson acceleration (m=5)", anderson_acceleration))
+    for label, solve in solvers:
         start = time.perf_counter()
         result = solve(lambda z: step(z, params, x), z_start, tol=config.forward_tol, max_iter=config.forward_max_iter)
-        rows.append({"forward solver": label, "iterations": result.iterations, "residual": result.residual, "seconds": time.perf_counter() - start})
+        seconds = time.perf_counter() - start
+        rows.append(
+            {"forward solver": label, "iterations": result.iterations, "residual": result.residual, "seconds": seconds}
+        )
     return rows
 
 
@@ -337,15 +365,16 @@ def _plot_training(runs: list[TrainingRun], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def run(config: EquilibriumConfig, out_dir: Path) -> dict:
+def run(config: EquilibriumConfig, out_dir: Path, *, progress: bool = False) -> dict:
     """Train with GMRES and with Neumann backward passes, compare gradients with a dense solve, write results.
 
     Writes ``results.json``, ``training_table.md``, ``gradient_table.md``, ``forward_table.md`` and
-    ``training.png`` to ``out_dir``; returns the JSON content.
+    ``training.png`` to ``out_dir``; returns the JSON content. ``progress``: progress bars of the two
+    trainings on stderr.
     """
     torch.manual_seed(config.seed)
     split = load_split("digits", seed=config.seed, max_samples=config.max_samples, device=config.device)
-    runs = [train(split, config, "gmres"), train(split, config, "neumann")]
+    runs = [train(split, config, "gmres", progress=progress), train(split, config, "neumann", progress=progress)]
     training_rows = [
         {
             "backward solver": "GMRES" if r.backward == "gmres" else "Neumann",

@@ -112,9 +112,8 @@ def anderson_acceleration(
         n = min(iterations, memory)
         g = fs[:, :n] - xs[:, :n]  # residuals of the stored iterates, (batch, n, dim)
         gram = g @ g.transpose(1, 2)
-        gram = gram + regularization * gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(1e-300)[:, None, None] * torch.eye(
-            n, dtype=z0.dtype, device=z0.device
-        )
+        scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(1e-300)[:, None, None]
+        gram = gram + regularization * scale * torch.eye(n, dtype=z0.dtype, device=z0.device)
         # min ||alpha^T g|| subject to sum(alpha) = 1  <=>  alpha proportional to gram^{-1} 1
         ones = torch.ones(batch, n, 1, dtype=z0.dtype, device=z0.device)
         weights = torch.linalg.solve(gram, ones)

@@ -31,6 +31,7 @@ import torch
 
 import implicitdiff as idiff
 
+from ..progress import progress_bar
 from .datasets import StandardizedSplit, load_split
 from .lbfgs import minimize_lbfgs
 from .logistic_model import accuracy, cross_entropy, init_params, penalized_cross_entropy
@@ -221,7 +222,9 @@ class TuningRun:
     backward_residuals: list[float] = field(default_factory=list)
 
 
-def _exact_fit(log_penalty: torch.Tensor, init: Params, split: StandardizedSplit, config: RegularizationConfig) -> Params:
+def _exact_fit(
+    log_penalty: torch.Tensor, init: Params, split: StandardizedSplit, config: RegularizationConfig
+) -> Params:
     return minimize_lbfgs(
         lambda p: inner_objective(p, log_penalty.detach(), split.x_train, split.y_train),
         init,
@@ -230,7 +233,9 @@ def _exact_fit(log_penalty: torch.Tensor, init: Params, split: StandardizedSplit
     ).solution
 
 
-def tune_penalties(split: StandardizedSplit, config: RegularizationConfig, method: str = "implicit") -> TuningRun:
+def tune_penalties(
+    split: StandardizedSplit, config: RegularizationConfig, method: str = "implicit", *, progress: bool = False
+) -> TuningRun:
     """Minimize the validation loss over per-feature log-penalties with Adam on the hypergradient.
 
     Parameters
@@ -241,6 +246,8 @@ def tune_penalties(split: StandardizedSplit, config: RegularizationConfig, metho
     method : str
         ``"implicit"`` (L-BFGS + implicit differentiation) or ``"unrolled"`` (autograd through
         ``config.unrolled_steps`` gradient-descent steps, warm-started at the previous iterate).
+    progress : bool
+        Show a progress bar over the outer steps (rate and ETA) on stderr.
 
     Returns
     -------
@@ -259,6 +266,8 @@ def tune_penalties(split: StandardizedSplit, config: RegularizationConfig, metho
     iterations: list[int] = []
     residuals: list[float] = []
     seconds = 0.0
+    bar = progress_bar(config.outer_steps, f"{config.dataset}: {method} hypergradient descent", unit="step",
+                       enabled=progress)
     for _ in range(config.outer_steps):
         if method == "unrolled":  # judge the run by the model its penalties really give, not the truncated iterate
             exact = _exact_fit(log_penalty, exact, split, config)
@@ -276,6 +285,9 @@ def tune_penalties(split: StandardizedSplit, config: RegularizationConfig, metho
                 if info.kind == "backward":
                     iterations.append(int(info.iterations))
                     residuals.append(float(info.relative_residual))
+        bar.set_postfix(val_loss=f"{float(loss):.4f}")
+        bar.update(1)
+    bar.close()
     final = _exact_fit(log_penalty.detach(), exact if method == "unrolled" else params, split, config)
     losses.append(float(validation_loss(final, split.x_val, split.y_val)))
     return TuningRun(method, log_penalty.detach(), final, losses, seconds, iterations, residuals)
@@ -349,7 +361,10 @@ def _start_hypergradient_errors(split: StandardizedSplit, config: Regularization
     )
     _, implicit_grad, _ = hypergradient(make_implicit_fit(config), log_penalty, init, split)
     _, unrolled_grad, _ = hypergradient(make_unrolled_fit(config), log_penalty, init, split)
-    return {"implicit": _relative_error(implicit_grad, reference), "unrolled": _relative_error(unrolled_grad, reference)}
+    return {
+        "implicit": _relative_error(implicit_grad, reference),
+        "unrolled": _relative_error(unrolled_grad, reference),
+    }
 
 
 def _evaluate(params: Params, split: StandardizedSplit) -> dict[str, float]:
@@ -390,11 +405,12 @@ def _plot_penalties(log_penalty: torch.Tensor, split: StandardizedSplit, path: P
     return save_figure(fig, path)
 
 
-def run(config: RegularizationConfig, out_dir: Path) -> dict:
+def run(config: RegularizationConfig, out_dir: Path, *, progress: bool = False) -> dict:
     """Run the full comparison on ``config.dataset`` and write ``<dataset>_*`` files to ``out_dir``.
 
     Writes ``<dataset>_results.json``, ``<dataset>_table.md``, ``<dataset>_validation_loss.png`` and
-    ``<dataset>_penalties.png``; returns the JSON content.
+    ``<dataset>_penalties.png``; returns the JSON content. ``progress``: progress bars of the
+    hypergradient-descent runs on stderr.
 
     Examples
     --------
@@ -405,18 +421,26 @@ def run(config: RegularizationConfig, out_dir: Path) -> dict:
     split = load_split(config.dataset, seed=config.seed, max_samples=config.max_samples, device=config.device)
     dtype, device = split.x_train.dtype, split.x_train.device
     start_penalty = torch.full((split.n_features,), math.log(config.init_penalty), dtype=dtype, device=device)
-    start_model = _exact_fit(start_penalty, init_params(split.n_features, split.n_classes, dtype=dtype, device=device), split, config)
+    start_init = init_params(split.n_features, split.n_classes, dtype=dtype, device=device)
+    start_model = _exact_fit(start_penalty, start_init, split, config)
     gradient_errors = _start_hypergradient_errors(split, config)
-    implicit_run = tune_penalties(split, config, "implicit")
-    unrolled_run = tune_penalties(split, config, "unrolled")
+    implicit_run = tune_penalties(split, config, "implicit", progress=progress)
+    unrolled_run = tune_penalties(split, config, "unrolled", progress=progress)
     sklearn_result = sklearn_scalar_cv(split, config.sklearn_cs)
 
     rows = [
         {"method": f"start (every penalty {config.init_penalty:g})", **_evaluate(start_model, split), "seconds": 0.0},
-        {"method": "LogisticRegressionCV, scalar C", **{k: sklearn_result[k] for k in ("validation_loss", "test_loss", "test_accuracy", "seconds")}},
+        {
+            "method": "LogisticRegressionCV, scalar C",
+            **{k: sklearn_result[k] for k in ("validation_loss", "test_loss", "test_accuracy", "seconds")},
+        },
     ]
     for run_ in (implicit_run, unrolled_run):
-        label = "per-feature, implicit (L-BFGS + CG)" if run_.method == "implicit" else f"per-feature, unrolled ({config.unrolled_steps} GD steps)"
+        label = (
+            "per-feature, implicit (L-BFGS + CG)"
+            if run_.method == "implicit"
+            else f"per-feature, unrolled ({config.unrolled_steps} GD steps)"
+        )
         rows.append({"method": label, **_evaluate(run_.params, split), "seconds": run_.seconds})
     for row in rows:
         method = row["method"]
@@ -443,6 +467,11 @@ def run(config: RegularizationConfig, out_dir: Path) -> dict:
     }
     write_json(results, out_dir / f"{prefix}_results.json")
     write_text(table, out_dir / f"{prefix}_table.md")
-    _plot_validation_curves([implicit_run, unrolled_run], sklearn_result, f"{prefix}: per-feature L2 penalties", out_dir / f"{prefix}_validation_loss.png")
+    _plot_validation_curves(
+        [implicit_run, unrolled_run],
+        sklearn_result,
+        f"{prefix}: per-feature L2 penalties",
+        out_dir / f"{prefix}_validation_loss.png",
+    )
     _plot_penalties(implicit_run.log_penalty, split, out_dir / f"{prefix}_penalties.png")
     return results

@@ -109,7 +109,9 @@ class AlgorithmConfig:
         if not self.meta_damping >= 0:
             raise ValueError(f"meta_damping must be >= 0, got {self.meta_damping}")
         if self.name not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.name!r}; expected one of {ALGORITHMS} (or 'baseline' in the CLI)")
+            raise ValueError(
+                f"unknown algorithm {self.name!r}; expected one of {ALGORITHMS} (or 'baseline' in the CLI)"
+            )
         if self.name == "imaml" and not self.lam > 0:
             raise ValueError(f"iMAML needs lam > 0, got {self.lam}")
         if self.cg_steps < 1:
@@ -201,7 +203,9 @@ class MetaObjective:
     ['bias', 'weight']
     """
 
-    def __init__(self, model: FunctionalModel, task_type: TaskType, config: AlgorithmConfig, *, use_vmap: bool = True) -> None:
+    def __init__(
+        self, model: FunctionalModel, task_type: TaskType, config: AlgorithmConfig, *, use_vmap: bool = True
+    ) -> None:
         if task_type not in ("classification", "regression"):
             raise ValueError(f"task_type must be 'classification' or 'regression', got {task_type!r}")
         self.model = model
@@ -293,7 +297,12 @@ class MetaObjective:
         return self.score(self.adapt_to(theta, xs, ys), xq, yq)
 
     def batch(
-        self, theta: Params, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor
+        self,
+        theta: Params,
+        x_support: torch.Tensor,
+        y_support: torch.Tensor,
+        x_query: torch.Tensor,
+        y_query: torch.Tensor,
     ) -> TaskBatchResult:
         """Query losses and metrics of a batch of tasks (leading dimension = task)."""
         if x_support.shape[0] == 0:
@@ -323,7 +332,12 @@ class MetaObjective:
         return [adapt_one(x, y) for x, y in zip(x_support, y_support)]
 
     def evaluate_batch(
-        self, theta: Params, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor
+        self,
+        theta: Params,
+        x_support: torch.Tensor,
+        y_support: torch.Tensor,
+        x_query: torch.Tensor,
+        y_query: torch.Tensor,
     ) -> torch.Tensor:
         """Per-task post-adaptation metric (accuracy or MSE), no meta-gradient."""
         adapted = self.adapt_batch(theta, x_support, y_support)

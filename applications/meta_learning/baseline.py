@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..progress import progress_bar
 from .augmentation import random_affine
 from .data import Episode
 from .models import OmniglotCNN
@@ -130,6 +131,7 @@ def train_baseline(
     device: torch.device | str = "cpu",
     rotations: bool = True,
     progress: bool = True,
+    desc: str = "baseline training",
 ) -> tuple[OmniglotCNN, dict]:
     """Train an ordinary cross-entropy classifier over all training classes.
 
@@ -144,7 +146,9 @@ def train_baseline(
     rotations
         Treat each of the 4 rotations of a character as its own class.
     progress
-        Show a tqdm progress bar over epochs.
+        Show a progress bar over epochs (rate and ETA) on stderr.
+    desc
+        Its description.
 
     Returns
     -------
@@ -185,15 +189,11 @@ def train_baseline(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
 
-    epochs = range(config.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc="baseline", unit="epoch")
+    bar = progress_bar(config.epochs, desc, unit="epoch", enabled=progress)
     loss_history, accuracy_history, steps = [], [], 0
     model.train()
     start = time.perf_counter()
-    for _ in epochs:
+    for _ in range(config.epochs):
         order = torch.randperm(num_images, generator=generator).to(device)
         # Running sums stay on the device: no host synchronisation per step.
         total_loss = torch.zeros((), device=device)
@@ -217,8 +217,9 @@ def train_baseline(
             total_correct += (logits.detach().argmax(1) == y).sum()
         loss_history.append(float(total_loss) / seen)
         accuracy_history.append(float(total_correct) / seen)
-        if progress:
-            epochs.set_postfix(loss=f"{loss_history[-1]:.3f}", acc=f"{accuracy_history[-1]:.3f}")
+        bar.set_postfix(loss=f"{loss_history[-1]:.3f}", acc=f"{accuracy_history[-1]:.3f}")
+        bar.update(1)
+    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall_time = time.perf_counter() - start
@@ -297,6 +298,8 @@ def evaluate_baseline(
     device: torch.device | str = "cpu",
     finetune_steps: int = 100,
     finetune_lr: float = 0.01,
+    progress: bool = False,
+    desc: str = "baseline evaluation",
 ) -> dict:
     """Accuracy of the pre-trained features on few-shot episodes.
 
@@ -313,6 +316,10 @@ def evaluate_baseline(
         of size ``finetune_lr`` on the support features).
     device
         Where to compute.
+    progress
+        Show a progress bar over the episodes (rate and ETA) on stderr.
+    desc
+        Its description.
 
     Returns
     -------
@@ -336,19 +343,22 @@ def evaluate_baseline(
     model = model.to(device).eval()
     start = time.perf_counter()
     accuracies = []
-    for episode in episodes:
-        if episode.y_support.dtype != torch.int64:
-            raise ValueError("evaluate_baseline needs classification episodes (int64 labels).")
-        episode = episode.to(device)
-        ways = int(episode.y_support.max()) + 1
-        support, query = episode_features(model, episode)
-        if head == "prototype":
-            predictions = _prototype_predictions(support, episode.y_support, query, ways)
-        else:
-            predictions = _finetune_predictions(
-                support, episode.y_support, query, ways, finetune_steps, finetune_lr
-            )
-        accuracies.append((predictions == episode.y_query).float().mean(1).cpu())
+    total = sum(episode.batch_size for episode in episodes)
+    with progress_bar(total, desc, unit="episode", enabled=progress) as bar:
+        for episode in episodes:
+            if episode.y_support.dtype != torch.int64:
+                raise ValueError("evaluate_baseline needs classification episodes (int64 labels).")
+            episode = episode.to(device)
+            ways = int(episode.y_support.max()) + 1
+            support, query = episode_features(model, episode)
+            if head == "prototype":
+                predictions = _prototype_predictions(support, episode.y_support, query, ways)
+            else:
+                predictions = _finetune_predictions(
+                    support, episode.y_support, query, ways, finetune_steps, finetune_lr
+                )
+            accuracies.append((predictions == episode.y_query).float().mean(1).cpu())
+            bar.update(episode.batch_size)
     per_episode = torch.cat(accuracies)
     mean, half_width = mean_confidence_interval(per_episode)
     return {

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--threads", type=int, help="CPU threads of torch")
     ev.add_argument("--output", help="write evaluation.json here (default: next to the checkpoint)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     cmp_ = sub.add_parser("compare", help="train several methods, evaluate them on the same episodes, one table")
     _add_config_arguments(cmp_)
@@ -228,10 +229,12 @@ def _train_baseline(args: argparse.Namespace) -> int:
     save_checkpoint(output / "baseline.pt", {"config": config.to_dict(), "baseline": dataclasses.asdict(bcfg),
                                              "model": model.state_dict()})
     summary: dict[str, Any] = {"config": config.to_dict(), "baseline": dataclasses.asdict(bcfg),
-                               "train_seconds": stats["wall_time_s"], "final_train_accuracy": stats["final_train_accuracy"]}
+                               "train_seconds": stats["wall_time_s"],
+                               "final_train_accuracy": stats["final_train_accuracy"]}
     if not args.no_eval:
         episodes = fixed_episodes(splits["test"], config.eval_episodes, seed=evaluation_seed(config))
-        result = evaluate_baseline(model, episodes, head=bcfg.head, device=args.device)
+        result = evaluate_baseline(model, episodes, head=bcfg.head, device=args.device,
+                                   progress=not args.no_progress)
         summary["test"] = {k: result[k] for k in ("accuracy", "ci95", "n_episodes", "head")}
         print(f"test accuracy {100 * result['accuracy']:.2f}% +- {100 * result['ci95']:.2f}% "
               f"({result['n_episodes']} episodes)  (training {stats['wall_time_s']:.0f} s)")
@@ -271,16 +274,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             episodes = fixed_episodes(splits["test"], config.eval_episodes, seed=evaluation_seed(config))
             if trainer.pretrained_model is not None:
                 # the starting point, scored as the supervised baseline on the same episodes
-                start = evaluate_baseline(trainer.pretrained_model, episodes, device=device)
+                start = evaluate_baseline(trainer.pretrained_model, episodes, device=device,
+                                          progress=not args.no_progress, desc="pre-trained start evaluation")
                 summary["pretrained_baseline"] = {k: start[k] for k in ("accuracy", "ci95", "n_episodes", "head")}
                 print(f"supervised baseline (the pre-trained start, prototype head): accuracy "
                       f"{100 * start['accuracy']:.2f}% +- {100 * start['ci95']:.2f}% ({start['n_episodes']} episodes)")
-            result = evaluate(trainer.objective, trainer.theta, episodes, device=device)
+            result = evaluate(trainer.objective, trainer.theta, episodes, device=device,
+                              progress=not args.no_progress, desc=f"{config.algorithm} evaluation")
             summary["test"] = result.to_dict()
             print(f"test {result.describe()}  (training {trainer.train_seconds:.0f} s)")
         if ctx.is_main:
             (output / "summary.json").write_text(json.dumps(summary, indent=1))
-            print(f"outputs in {output}/: {CHECKPOINT_NAME}, metrics.csv, metrics.json, learning_curve.png, summary.json")
+            print(f"outputs in {output}/: {CHECKPOINT_NAME}, metrics.csv, metrics.json, learning_curve.png, "
+                  "summary.json")
         return 0
     finally:
         mdist.shutdown(ctx)
@@ -301,12 +307,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     splits = build_task_splits(config)
     episodes = fixed_episodes(splits[args.split], args.episodes, seed=evaluation_seed(config))
     learner.objective.use_vmap = config.use_vmap
-    result = evaluate(learner.objective, learner.theta, episodes, device=args.device)
+    result = evaluate(learner.objective, learner.theta, episodes, device=args.device,
+                      progress=not args.no_progress, desc=f"{args.split} evaluation")
     print(f"{args.split} {result.describe()}")
     out = Path(args.output) if args.output else path.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps({"checkpoint": str(path), "split": args.split,
                                                      **result.to_dict(per_episode=True)}, indent=1))
+    print(f"written {out / 'evaluation.json'}")
     return 0
 
 
@@ -338,7 +346,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILURE
     print(format_table(rows, config))
-    print(f"written {args.output}/comparison.md and comparison.json")
+    trained = [m for m in methods if m != "baseline"]
+    per_method = f"; per method (checkpoint, metrics, learning curve): {', '.join(trained)}/" if trained else ""
+    print(f"outputs in {args.output}/: comparison.md, comparison.json{per_method}")
     return 0
 
 

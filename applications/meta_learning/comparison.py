@@ -77,7 +77,8 @@ def compare(
         # The baseline row and the meta-learners' pre-training are often the same training: run it once.
         key = dataclasses.astuple(bcfg)
         if key not in supervised_runs:
-            supervised_runs[key] = train_baseline(splits["train"].images, bcfg, device=device, progress=progress)
+            supervised_runs[key] = train_baseline(splits["train"].images, bcfg, device=device, progress=progress,
+                                                  desc="supervised training (baseline and pre-training)")
         return supervised_runs[key]
 
     rows: list[dict[str, Any]] = []
@@ -86,7 +87,8 @@ def compare(
             bcfg = baseline_config or BaselineConfig(seed=config.seed, hidden=config.hidden)
             model, stats = supervised(bcfg)
             seconds = stats["wall_time_s"]
-            result = evaluate_baseline(model, episodes, head=bcfg.head, device=device)
+            result = evaluate_baseline(model, episodes, head=bcfg.head, device=device, progress=progress,
+                                       desc="baseline evaluation")
             row = {"method": f"baseline ({bcfg.head})", "metric": "accuracy", "mean": result["accuracy"],
                    "ci95": result["ci95"], "train_seconds": seconds, "n_episodes": result["n_episodes"],
                    "settings": dataclasses.asdict(bcfg)}
@@ -96,7 +98,8 @@ def compare(
             if cfg.pretrain_epochs > 0:
                 trainer.pretrain(pretrained=supervised(pretraining_config(cfg)))
             trainer.train(progress=progress)
-            result = evaluate(trainer.objective, trainer.theta, episodes, device=device)
+            result = evaluate(trainer.objective, trainer.theta, episodes, device=device, progress=progress,
+                              desc=f"{method} evaluation")
             label = method if method != "imaml" else f"imaml-{cfg.inner_solver}"
             residuals = [h["inner_residual"] for h in trainer.history if h["inner_residual"] == h["inner_residual"]]
             row = {"method": label, "metric": result.metric, "mean": result.mean, "ci95": result.ci95,

@@ -27,7 +27,7 @@ import pathlib
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple, Sequence, Union
+from typing import BinaryIO, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ _EXPECTED_LAYOUT = (
     "extract to, laid out as images_background/<Alphabet>/<character>/<drawer>.png"
 )
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 # ----------------------------------------------------------------------------------------
@@ -518,7 +518,7 @@ class Episode(NamedTuple):
     x_query: torch.Tensor
     y_query: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Episode":
+    def to(self, device: torch.device | str) -> Episode:
         """Move every tensor to ``device``."""
         return Episode(*(t.to(device) for t in self))
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ..progress import progress_bar
 from .algorithms import MetaObjective
 from .data import Episode
 from .inner_solvers import Params
@@ -66,6 +67,8 @@ def evaluate(
     episodes: Sequence[Episode],
     *,
     device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "evaluation",
 ) -> EvaluationResult:
     """Adapt ``theta`` to every episode's support set with the objective's inner solver; score its queries.
 
@@ -79,6 +82,10 @@ def evaluate(
         Batches of held-out tasks (e.g. :func:`~applications.meta_learning.data.fixed_episodes`).
     device : torch.device or str
         Where to compute.
+    progress : bool
+        Show a progress bar over the episodes (rate and ETA) on stderr.
+    desc : str
+        Its description.
 
     Examples
     --------
@@ -99,10 +106,15 @@ def evaluate(
     theta = {k: v.detach().to(device) for k, v in theta.items()}
     start = time.perf_counter()
     values = []
-    for episode in episodes:
-        episode = episode.to(device)
-        values.append(objective.evaluate_batch(theta, *episode).cpu())
+    total = sum(episode.batch_size for episode in episodes)
+    with progress_bar(total, desc, unit="episode", enabled=progress) as bar:
+        for episode in episodes:
+            batch = episode.batch_size
+            episode = episode.to(device)
+            values.append(objective.evaluate_batch(theta, *episode).cpu())
+            bar.update(batch)
     per_episode = torch.cat(values)
     mean, half_width = mean_confidence_interval(per_episode)
     metric = "accuracy" if objective.task_type == "classification" else "mse"
-    return EvaluationResult(metric, mean, half_width, per_episode.numel(), per_episode.tolist(), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return EvaluationResult(metric, mean, half_width, per_episode.numel(), per_episode.tolist(), seconds)

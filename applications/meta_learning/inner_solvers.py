@@ -24,7 +24,7 @@ from wrapping them with :func:`implicitdiff.implicit_diff` (see :mod:`.algorithm
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 
@@ -32,7 +32,7 @@ import implicitdiff as idiff
 
 __all__ = ["Params", "LossFn", "GradientDescent", "NewtonCG", "InnerSolver", "proximal_objective"]
 
-Params = Dict[str, torch.Tensor]
+Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -48,7 +48,9 @@ def _norm(a: Params) -> torch.Tensor:
     return torch.sqrt(_dot(a, a))
 
 
-def proximal_objective(loss_fn: LossFn, lam: float) -> Callable[[Params, Params, torch.Tensor, torch.Tensor], torch.Tensor]:
+def proximal_objective(
+    loss_fn: LossFn, lam: float
+) -> Callable[[Params, Params, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``G(phi, theta, x, y) = loss_fn(phi, x, y) + lam / 2 * ||phi - theta||^2``.
 
     Examples
@@ -109,7 +111,9 @@ class GradientDescent:
         """Whether the solver is written in plain tensor ops without value-dependent control flow."""
         return self.tol is None
 
-    def solve(self, loss_fn: LossFn, init: Params, theta: Params, lam: float, x: torch.Tensor, y: torch.Tensor) -> Params:
+    def solve(
+        self, loss_fn: LossFn, init: Params, theta: Params, lam: float, x: torch.Tensor, y: torch.Tensor
+    ) -> Params:
         """Run gradient descent from ``init``; differentiable as written (autograd can unroll it)."""
         grad_fn = torch.func.grad(proximal_objective(loss_fn, lam))
         phi = dict(init)
@@ -186,7 +190,9 @@ class NewtonCG:
         """Newton-CG's line search branches on values: never run under vmap."""
         return False
 
-    def solve(self, loss_fn: LossFn, init: Params, theta: Params, lam: float, x: torch.Tensor, y: torch.Tensor) -> Params:
+    def solve(
+        self, loss_fn: LossFn, init: Params, theta: Params, lam: float, x: torch.Tensor, y: torch.Tensor
+    ) -> Params:
         """Run Newton-CG from ``init`` (meant to run without autograd; differentiate it implicitly)."""
         objective = proximal_objective(loss_fn, lam)
         grad_fn = torch.func.grad(objective)

@@ -66,7 +66,7 @@ class MetaLearner:
         self.adapted: Params | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> "MetaLearner":
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> MetaLearner:
         """Load a training checkpoint (``<output dir>/checkpoint.pt``).
 
         Raises :class:`~.checkpoint.CheckpointError` (naming the file) for a file that is

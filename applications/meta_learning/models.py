@@ -119,7 +119,8 @@ class CosineHead(nn.Module):
     --------
     >>> head = CosineHead(4, 3)
     >>> f = torch.randn(2, 4)
-    >>> torch.allclose(head(f), 10 * torch.nn.functional.normalize(f, dim=1) @ torch.nn.functional.normalize(head.weight, dim=1).T)
+    >>> normalize = torch.nn.functional.normalize
+    >>> torch.allclose(head(f), 10 * normalize(f, dim=1) @ normalize(head.weight, dim=1).T)
     True
     """
 
@@ -188,7 +189,9 @@ class OmniglotCNN(nn.Module):
             channels = hidden
         self.encoder = nn.Sequential(*blocks)
         self.feature_dim = hidden * _conv_output_size(image_size, self.num_blocks) ** 2
-        self.head: nn.Module = nn.Linear(self.feature_dim, ways) if head == "linear" else CosineHead(self.feature_dim, ways)
+        self.head: nn.Module = (
+            nn.Linear(self.feature_dim, ways) if head == "linear" else CosineHead(self.feature_dim, ways)
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["OMNIGLOT_RECIPE", "PAPER_OMNIGLOT", "PAPER_RESULTS", "PRESETS", "default_inner_steps", "default_queries", "apply_preset"]
+__all__ = [
+    "OMNIGLOT_RECIPE", "PAPER_OMNIGLOT", "PAPER_RESULTS", "PRESETS", "default_inner_steps", "default_queries",
+    "apply_preset",
+]
 
 #: The paper's Omniglot hyperparameters (what our defaults follow).
 PAPER_OMNIGLOT: dict[str, Any] = {

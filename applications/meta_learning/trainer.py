@@ -53,7 +53,10 @@ from .presets import (
     default_queries,
 )
 
-__all__ = ["TrainConfig", "MetaTrainer", "pretraining_config", "NonFiniteMetaLossError", "build_task_splits", "build_network", "CHECKPOINT_NAME"]
+__all__ = [
+    "TrainConfig", "MetaTrainer", "pretraining_config", "NonFiniteMetaLossError", "build_task_splits", "build_network",
+    "CHECKPOINT_NAME",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Entries of a meta-training checkpoint that resuming needs.
@@ -120,7 +123,7 @@ class TrainConfig:
     pretrain_epochs: int = 0
     augment: bool = False
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with the task-dependent defaults filled in and every field validated."""
         cfg = dataclasses.replace(self)
         task_type_of(cfg.task)  # validates the task name
@@ -179,7 +182,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -214,7 +217,8 @@ def build_network(config: TrainConfig) -> torch.nn.Module:
     :data:`ACTIVATIONS`).
     """
     if config.task == "omniglot":
-        return OmniglotCNN(config.ways, hidden=config.hidden or 64, head="cosine" if config.head == "prototype" else "linear")
+        head = "cosine" if config.head == "prototype" else "linear"
+        return OmniglotCNN(config.ways, hidden=config.hidden or 64, head=head)
     net = SinusoidMLP(hidden=config.hidden or 40)
     activation = config.activation or "relu"
     if activation != "relu":
@@ -329,7 +333,8 @@ class MetaTrainer:
         if self.ctx.is_main:
             if pretrained is None:
                 model, stats = train_baseline(self.tasks.images, pretraining_config(self.config), device=self.device,
-                                              rotations=self.tasks.rotations, progress=progress)
+                                              rotations=self.tasks.rotations, progress=progress,
+                                              desc="supervised pre-training")
             else:
                 model, stats = pretrained
                 reused_seconds = float(stats["wall_time_s"])
@@ -393,7 +398,7 @@ class MetaTrainer:
         grads = [p.grad for p in self.theta.values()]
         keys = ("loss_sum", "metric_sum", "n_checks", "residual_sum", "unsolved", "backward_failed")
         stats = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
-        mdist.all_reduce_sum_(grads + [stats], self.ctx)
+        mdist.all_reduce_sum_([*grads, stats], self.ctx)
         loss_sum, metric_sum, n_checks, residual_sum, unsolved, backward_failed = stats.tolist()
         batch = self.config.meta_batch
         finite_grad = all(bool(torch.isfinite(g).all()) for g in grads)
@@ -433,8 +438,8 @@ class MetaTrainer:
         if progress and self.ctx.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=target, initial=self.iteration, desc=f"{self.config.algorithm} {self.config.task}",
-                       dynamic_ncols=True)
+            desc = f"{self.config.algorithm} {self.config.task} meta-training"
+            bar = tqdm(total=target, initial=self.iteration, desc=desc, dynamic_ncols=True)
         metric_name = "acc" if self.objective.task_type == "classification" else "mse"
         try:
             while self.iteration < target:

@@ -70,7 +70,7 @@ class LinearProblem:
         """``v -> (A + damping I)^T v``, derived by a vector-Jacobian product if not given."""
         if self._rmatvec is None:
             if self._rmatvec_factory is None:
-                _, vjp_fn = torch.func.vjp(self.matvec, torch.zeros_like(self.b))
+                _, vjp_fn = torch.func.vjp(self.matvec, torch.zeros_like(self.b))  # type: ignore[misc]  # typed as a 2- or 3-tuple
                 self._rmatvec = lambda u: vjp_fn(u)[0]
             else:
                 self._rmatvec = self._rmatvec_factory()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..diagnostics import SolveStatus
 from .._functorch import any_true
+from ..diagnostics import SolveStatus
 from .base import LinearProblem, LinearSolver, RawSolution
 
 __all__ = ["Direct"]

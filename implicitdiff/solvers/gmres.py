@@ -142,7 +142,7 @@ class GMRES(LinearSolver):
             if k:
                 y = [0.0] * k
                 for i in reversed(range(k)):  # back substitution with the triangular factor
-                    acc = g[i] - sum(cols[l][i] * y[l] for l in range(i + 1, k))
+                    acc = g[i] - sum(cols[q][i] * y[q] for q in range(i + 1, k))
                     y[i] = acc / cols[i][i]
                 coef = torch.tensor(y, dtype=b.dtype, device=b.device)
                 x_new = x + M(torch.stack(basis[:k]).T @ coef)
