@@ -976,6 +976,12 @@ def _linearize(
         def transpose_fast(v: torch.Tensor) -> torch.Tensor:
             return rav.ravel(tree_unflatten(call.sol_spec, list(torch.autograd.grad(r, xs, v, retain_graph=True))))
 
+        def transpose_batched(rows: torch.Tensor) -> torch.Tensor:  # A^T V for the rows of V: one vmapped backward
+            grads = torch.autograd.grad(r, xs, rows, retain_graph=True, is_grads_batched=True)
+            return torch.cat([g.reshape(rows.shape[0], -1).to(rav.dtype) for g in grads], dim=1)
+
+        transpose_fast.batched = transpose_batched  # type: ignore[attr-defined]  # read by solve_flat (dense solvers)
+
         def args_fast(u: torch.Tensor) -> tuple[torch.Tensor, ...]:
             targets = [moving[i] for i in wanted]
             out = torch.autograd.grad(r, targets, u, allow_unused=True, retain_graph=True)

@@ -142,6 +142,7 @@ def solve_flat(
         eager=eager,
         differentiable=False,
         preconditioner=precond,
+        matmat=_batched_products(matvec, damping),
         _rmatvec_factory=rmatvec_factory,
     )
     raw = solver.solve(problem)
@@ -163,6 +164,18 @@ def solve_flat(
     )
     report(info, solver.on_failure)
     return x * scale, info
+
+
+def _batched_products(
+    matvec: Callable[[torch.Tensor], torch.Tensor], damping: float
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Rows ``v -> (A + damping I) v`` of a matrix in one call, when ``matvec`` carries a ``batched`` form."""
+    batched = getattr(matvec, "batched", None)
+    if batched is None:
+        return None
+    if damping == 0.0:
+        return batched
+    return lambda rows: batched(rows) + damping * rows
 
 
 #: how often a CONVERGED that the true residual does not confirm is rerun from its iterate

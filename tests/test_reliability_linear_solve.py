@@ -230,3 +230,28 @@ def test_cg_on_an_inconsistent_singular_system_blames_no_finite_input():
         sol = idiff.linear_solve(lambda v: A @ v, torch.ones(4, dtype=DT), solver=idiff.CG(tol=1e-10))
     assert torch.isfinite(sol.value).all()
     assert true_residual(A, sol.value, torch.ones(4, dtype=DT)) <= 2.0  # never worse than x = 0
+
+
+def test_direct_backward_forms_the_operator_in_one_batched_product():
+    # pytree solution, plain .backward(): Direct materializes A^T with one vmapped backward (is_grads_batched)
+    A = spd(5, 10.0, 12)
+    obj = lambda p, t: 0.5 * torch.cat([p["a"], p["b"]]) @ A @ torch.cat([p["a"], p["b"]]) - t @ torch.cat([p["a"], p["b"]])  # noqa: E731
+    solve = lambda t: torch.linalg.solve(A, t)  # noqa: E731
+    fit = idiff.implicit_diff(objective=obj, solver=idiff.Direct())(lambda p, t: {"a": solve(t)[:2], "b": solve(t)[2:]})
+    t = torch.randn(5, dtype=DT, requires_grad=True)
+    c = torch.randn(5, dtype=DT)
+    out = fit({"a": torch.zeros(2, dtype=DT), "b": torch.zeros(3, dtype=DT)}, t)
+    original = torch.autograd.grad
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("is_grads_batched", False))
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = counting
+    try:
+        (torch.cat([out["a"], out["b"]]) @ c).backward()
+    finally:
+        torch.autograd.grad = original
+    assert torch.allclose(t.grad, torch.linalg.solve(A, c), atol=1e-12)
+    assert calls.count(True) == 1

@@ -51,6 +51,10 @@ class LinearProblem:
         scalars as tensors, do not turn them into Python numbers.
     preconditioner : callable or None
         ``v -> M v`` with ``M`` approximating ``(A + damping I)^{-1}``.
+    matmat : callable or None
+        ``V -> V (A + damping I)^T`` for a matrix ``V`` whose rows are vectors: many products in
+        one batched call, when the caller can offer it (the plain ``.backward()`` of an implicit
+        function). Dense solvers use it to form ``A`` with one call instead of ``n``.
     """
 
     matvec: MatVec
@@ -62,6 +66,7 @@ class LinearProblem:
     eager: bool
     differentiable: bool
     preconditioner: MatVec | None = None
+    matmat: MatVec | None = None
     _rmatvec: MatVec | None = None
     _rmatvec_factory: Callable[[], MatVec] | None = None
 

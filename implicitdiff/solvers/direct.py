@@ -11,6 +11,20 @@ from .base import LinearProblem, LinearSolver, RawSolution
 __all__ = ["Direct"]
 
 
+def materialize(problem: LinearProblem) -> torch.Tensor:
+    """The operator as a dense ``n x n`` matrix: one batched product when the problem offers it,
+    else ``n`` products batched by ``torch.func.vmap`` (a Python loop if the product does not vmap)."""
+    b = problem.b
+    eye = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
+    if problem.matmat is not None:
+        return problem.matmat(eye).T
+    try:
+        rows = torch.func.vmap(problem.matvec)(eye)
+    except RuntimeError:
+        rows = torch.stack([problem.matvec(e) for e in eye])
+    return rows.T
+
+
 class Direct(LinearSolver):
     r"""Materialize :math:`A` column by column and solve with ``torch.linalg.solve``.
 
@@ -48,12 +62,7 @@ class Direct(LinearSolver):
     def solve(self, problem: LinearProblem) -> RawSolution:
         b = problem.b
         n = b.shape[-1]
-        eye = torch.eye(n, dtype=b.dtype, device=b.device)
-        try:
-            columns = torch.func.vmap(problem.matvec)(eye)
-        except RuntimeError:
-            columns = torch.stack([problem.matvec(e) for e in eye])
-        matrix = columns.T
+        matrix = materialize(problem)
         lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
         pivot_sizes = lu.diagonal(dim1=-2, dim2=-1).abs()
         # singular to working precision: a pivot negligible against the largest one (LU succeeds on a
