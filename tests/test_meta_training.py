@@ -320,3 +320,37 @@ def test_learner_rejects_a_checkpoint_whose_parameters_do_not_fit(tmp_path):
     path = save_checkpoint(tmp_path / "checkpoint.pt", state)
     with pytest.raises(CheckpointError, match=r"does not describe a usable model .*'net.0.weight' has shape \(5, 1\)"):
         MetaLearner.load(path)
+
+
+# --------------------------------------------------------------------------------------
+# compare: every method with its own standard inner loop; a divergence is named
+# --------------------------------------------------------------------------------------
+def test_cli_compare_sinusoid_gives_maml_its_own_inner_loop(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--preset", "sinusoid", "--methods", "imaml,maml,fomaml", "--iterations", "3",
+                 "--eval-episodes", "10", "--output", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "settings maml: inner gd, 5 steps of size 0.01" in printed
+    assert "settings fomaml: inner gd, 5 steps of size 0.01" in printed
+    assert "settings imaml: inner hf (Newton-CG), up to 20 steps" in printed
+    results = json.loads((out / "comparison.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["imaml-hf", "maml", "fomaml"]
+    assert all(math.isfinite(r["mean"]) for r in results)
+    for method in ("imaml", "maml", "fomaml"):
+        history = json.loads((out / method / "metrics.json").read_text())["history"]
+        assert len(history) == 3 and all(math.isfinite(h["meta_loss"]) for h in history)
+    settings = {r["method"]: r["settings"] for r in results}
+    assert (settings["maml"]["inner_lr"], settings["maml"]["inner_steps"]) == (0.01, 5)
+    assert (settings["imaml-hf"]["inner_lr"], settings["imaml-hf"]["inner_steps"]) == (0.1, 20)
+
+
+def test_cli_compare_names_the_diverging_method_and_iteration(tmp_path, capsys):
+    code = main(["compare", "--preset", "sinusoid", "--methods", "maml", "--maml-inner-lr", "0.1",
+                 "--maml-inner-steps", "20", "--iterations", "3", "--eval-episodes", "10",
+                 "--output", str(tmp_path / "cmp"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1 and "settings maml: inner gd, 20 steps of size 0.1" in captured.out
+    assert captured.err.startswith("error: maml: non-finite meta-loss") and "at iteration 1" in captured.err
+    assert "inner step is too large" in captured.err and "--maml-inner-lr" in captured.err
+    assert "Traceback" not in captured.err

@@ -14,6 +14,11 @@ Evaluate a checkpoint on 600 held-out episodes, compare methods on the same epis
 
     python -m applications.meta_learning evaluate --checkpoint runs/quick/checkpoint.pt
     python -m applications.meta_learning compare --preset quick --methods imaml,maml,fomaml,baseline --output runs/cmp
+
+A final model on every character, scored on the 20 one-shot runs of Lake et al. (2015)::
+
+    python -m applications.meta_learning train --all-characters --output runs/final --lake-runs all_runs.zip
+    python -m applications.meta_learning evaluate --checkpoint runs/final --lake-runs all_runs.zip
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from . import distributed as mdist
 from .algorithms import ALGORITHMS
 from .baseline import BaselineConfig, evaluate_baseline, train_baseline
 from .checkpoint import CheckpointError, save_checkpoint
-from .comparison import METHODS, compare, evaluation_seed, format_table
+from .comparison import METHODS, compare, describe_settings, evaluation_seed, format_table
 from .data import (
     OMNIGLOT_ENV_VAR,
     OMNIGLOT_SOURCE_URL,
@@ -39,8 +44,9 @@ from .data import (
     resolve_omniglot_root,
 )
 from .evaluation import MIN_PAPER_EPISODES, evaluate
+from .lake import LakeRun, evaluate_lake_runs, format_lake_results, load_lake_runs
 from .learner import MetaLearner
-from .presets import OMNIGLOT_RECIPE, PRESETS, apply_preset
+from .presets import MAML_SINUSOID, OMNIGLOT_RECIPE, PRESETS, apply_preset
 from .trainer import (
     CHECKPOINT_NAME,
     TASK_HEADS,
@@ -106,6 +112,9 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch the tasks of a meta-batch with torch.func.vmap (default on)")
     g.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints")
     g.add_argument("--eval-episodes", type=int, help=f"held-out test episodes (default {MIN_PAPER_EPISODES})")
+    g.add_argument("--all-characters", action="store_true", default=None,
+                   help="Omniglot: train on every character, no held-out split (a model for use, not for a "
+                        "table); the held-out evaluation is skipped (use --lake-runs)")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, *, output_default: str) -> None:
@@ -125,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(train, output_default="runs/meta")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     train.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
+    train.add_argument("--lake-runs", metavar="DIR",
+                       help="after training, also score the Lake et al. (2015) one-shot runs (all_runs folder "
+                            "or .zip)")
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out episodes")
     ev.add_argument("--checkpoint", required=True, help="checkpoint file or the training output directory")
@@ -133,15 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="Omniglot location (default: the one used in training)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--threads", type=int, help="CPU threads of torch")
-    ev.add_argument("--output", help="write evaluation.json here (default: next to the checkpoint)")
+    ev.add_argument("--output", help="write evaluation.json / lake_runs.json here (default: next to the checkpoint)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--lake-runs", metavar="DIR",
+                    help="score the 20 one-shot runs of Lake et al. (2015) (the all_runs folder or .zip of "
+                         "github.com/brendenlake/omniglot) instead of held-out episodes; writes lake_runs.json")
 
     cmp_ = sub.add_parser("compare", help="train several methods, evaluate them on the same episodes, one table")
     _add_config_arguments(cmp_)
     _add_run_arguments(cmp_, output_default="runs/compare")
     cmp_.add_argument("--methods", default="imaml,maml,fomaml,baseline", help=f"comma-separated subset of {METHODS}")
-    cmp_.add_argument("--maml-inner-lr", type=float, help="inner step size for maml/fomaml (default: --inner-lr)")
-    cmp_.add_argument("--maml-inner-steps", type=int, help="inner steps for maml/fomaml (default: --inner-steps)")
+    cmp_.add_argument("--maml-inner-lr", type=float,
+                      help="inner step size for maml/fomaml (default: sinusoid 0.01, MAML's; Omniglot --inner-lr)")
+    cmp_.add_argument("--maml-inner-steps", type=int,
+                      help="inner steps for maml/fomaml (default: sinusoid 5; Omniglot --inner-steps)")
     cmp_.add_argument("--baseline-epochs", type=int, default=None, help="pre-training epochs of the baseline")
     return parser
 
@@ -186,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 #: Fields that only mean something for Omniglot (dropped when falling back to the sinusoid task).
 _OMNIGLOT_ONLY = ("shots", "queries", "meta_batch", "hidden", "activation", "inner_steps", "data", "head",
-                  "pretrain_epochs", "augment")
+                  "pretrain_epochs", "augment", "all_characters")
 
 
 def _omniglot_or_fallback(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
@@ -231,7 +248,11 @@ def _train_baseline(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"config": config.to_dict(), "baseline": dataclasses.asdict(bcfg),
                                "train_seconds": stats["wall_time_s"],
                                "final_train_accuracy": stats["final_train_accuracy"]}
-    if not args.no_eval:
+    if config.all_characters:
+        print(NO_HELD_OUT, file=sys.stderr)
+        summary["test"] = None
+        summary["held_out_evaluation"] = NO_HELD_OUT
+    elif not args.no_eval:
         episodes = fixed_episodes(splits["test"], config.eval_episodes, seed=evaluation_seed(config))
         result = evaluate_baseline(model, episodes, head=bcfg.head, device=args.device,
                                    progress=not args.no_progress)
@@ -247,6 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.algorithm == "baseline":
         return _train_baseline(args)
     config = _omniglot_or_fallback(config_from_args(args), args)
+    lake = _lake_runs(config, args.lake_runs) if args.lake_runs else None
     device = torch.device(args.device)
     ctx = mdist.init_distributed(device)
     output = Path(args.output)
@@ -270,7 +292,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         summary: dict[str, Any] = {"config": trainer.config.to_dict(), "iterations": trainer.iteration,
                                    "train_seconds": trainer.train_seconds}
-        if not args.no_eval and ctx.is_main:
+        if config.all_characters and ctx.is_main:
+            print(NO_HELD_OUT, file=sys.stderr)
+            summary["test"] = None
+            summary["held_out_evaluation"] = NO_HELD_OUT
+        elif not args.no_eval and ctx.is_main:
             episodes = fixed_episodes(splits["test"], config.eval_episodes, seed=evaluation_seed(config))
             if trainer.pretrained_model is not None:
                 # the starting point, scored as the supervised baseline on the same episodes
@@ -283,6 +309,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                               progress=not args.no_progress, desc=f"{config.algorithm} evaluation")
             summary["test"] = result.to_dict()
             print(f"test {result.describe()}  (training {trainer.train_seconds:.0f} s)")
+        if args.lake_runs and ctx.is_main:
+            learner = MetaLearner(trainer.config, {k: v.detach() for k, v in trainer.theta.items()}, device=device)
+            summary["lake_runs"] = _evaluate_lake(learner, lake, args.lake_runs, device=device,
+                                                  progress=not args.no_progress)
         if ctx.is_main:
             (output / "summary.json").write_text(json.dumps(summary, indent=1))
             print(f"outputs in {output}/: {CHECKPOINT_NAME}, metrics.csv, metrics.json, learning_curve.png, "
@@ -292,12 +322,59 @@ def cmd_train(args: argparse.Namespace) -> int:
         mdist.shutdown(ctx)
 
 
+NO_HELD_OUT = ("trained on all characters (--all-characters): no held-out split, so no held-out evaluation; "
+               "score the model on an external source (evaluate --lake-runs DIR)")
+
+
+def _lake_runs(config: TrainConfig, source: str) -> list[LakeRun]:
+    """The Lake et al. one-shot runs at ``source`` (read before any training: bad input fails fast)."""
+    if config.task != "omniglot":
+        raise UsageError(f"--lake-runs are Omniglot one-shot runs; this is a {config.task} model")
+    runs = load_lake_runs(source)
+    ways = {run.ways for run in runs}
+    if len(ways) != 1:
+        raise UsageError(f"the Lake runs in {source} have different numbers of classes {sorted(ways)}")
+    (n_ways,) = ways
+    if n_ways != config.ways and config.head != "prototype":
+        raise UsageError(f"the Lake runs are {n_ways}-way and this model's linear head is "
+                         f"{config.ways}-way: train with --ways {n_ways}, or with --head prototype "
+                         "(a head set from the support images, any number of ways)")
+    return runs
+
+
+def _evaluate_lake(learner: MetaLearner, runs: list[LakeRun], source: str, *, device: Any,
+                   progress: bool) -> dict[str, Any]:
+    """Score ``learner`` on the Lake et al. one-shot ``runs`` (from ``source``); print per-run and overall errors.
+
+    A checkpoint with a prototype head adapts to any number of ways (its head is set per task
+    from the support images); one with the paper's linear head must have been trained with the
+    runs' number of ways (20).
+    """
+    n_ways = runs[0].ways
+    if n_ways != learner.config.ways:  # a prototype head (checked by _lake_runs): rebuild it n_ways-wide
+        learner = MetaLearner(dataclasses.replace(learner.config, ways=n_ways), learner.theta, device=learner.device)
+    learner.objective.use_vmap = False
+    results = evaluate_lake_runs(learner.objective, learner.theta, runs, device=device, progress=progress)
+    print(format_lake_results(results))
+    return {"source": str(source), **results}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     learner = MetaLearner.load(path, device=args.device)
     config = learner.config
+    out = Path(args.output) if args.output else path.parent
+    if args.lake_runs:
+        runs = _lake_runs(config, args.lake_runs)
+        results = _evaluate_lake(learner, runs, args.lake_runs, device=args.device, progress=not args.no_progress)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "lake_runs.json").write_text(json.dumps({"checkpoint": str(path), **results}, indent=1))
+        print(f"written {out / 'lake_runs.json'}")
+        return 0
+    if config.all_characters:
+        raise UsageError(f"{path} was {NO_HELD_OUT}")
     if args.data is not None:
         config = dataclasses.replace(config, data=args.data)
     if args.episodes < 1:
@@ -310,7 +387,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(learner.objective, learner.theta, episodes, device=args.device,
                       progress=not args.no_progress, desc=f"{args.split} evaluation")
     print(f"{args.split} {result.describe()}")
-    out = Path(args.output) if args.output else path.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps({"checkpoint": str(path), "split": args.split,
                                                      **result.to_dict(per_episode=True)}, indent=1))
@@ -323,7 +399,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     overrides: dict[str, dict[str, Any]] = {}
     for method in ("maml", "fomaml"):
-        o = {}
+        # MAML's own inner loop unless given: iMAML's (e.g. 20 steps of 0.1) makes MAML diverge on sinusoid
+        o: dict[str, Any] = dict(MAML_SINUSOID) if config.task == "sinusoid" else {}
         if args.maml_inner_lr is not None:
             o["inner_lr"] = args.maml_inner_lr
         if args.maml_inner_steps is not None:
@@ -339,6 +416,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.baseline_epochs is not None:
             kw["epochs"] = args.baseline_epochs
         baseline_config = BaselineConfig(**kw)
+    for method in methods:
+        if method != "baseline":
+            print("settings " + describe_settings(method, dataclasses.replace(config, **overrides.get(method, {}))))
     try:
         rows = compare(config, methods, args.output, device=args.device, overrides=overrides,
                        baseline_config=baseline_config, progress=not args.no_progress)

@@ -22,7 +22,7 @@ from .data import fixed_episodes
 from .evaluation import evaluate
 from .trainer import MetaTrainer, TrainConfig, build_task_splits, pretraining_config
 
-__all__ = ["METHODS", "compare", "format_table", "evaluation_seed"]
+__all__ = ["METHODS", "compare", "describe_settings", "format_table", "evaluation_seed"]
 
 METHODS = ("imaml", "maml", "fomaml", "baseline")
 
@@ -67,6 +67,8 @@ def compare(
     config = config.resolved()
     if "baseline" in methods and config.task != "omniglot":
         raise ValueError("the supervised baseline is a classifier: use it with --task omniglot")
+    if config.all_characters:
+        raise ValueError("compare scores every method on held-out characters: drop --all-characters")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     splits = build_task_splits(config, characters)
@@ -97,6 +99,9 @@ def compare(
             trainer = MetaTrainer(cfg, splits["train"], device=device, output_dir=output_dir / method)
             if cfg.pretrain_epochs > 0:
                 trainer.pretrain(pretrained=supervised(pretraining_config(cfg)))
+            trainer.label = method
+            if method in ("maml", "fomaml"):
+                trainer.inner_flags = ("--maml-inner-lr", "--maml-inner-steps")
             trainer.train(progress=progress)
             result = evaluate(trainer.objective, trainer.theta, episodes, device=device, progress=progress,
                               desc=f"{method} evaluation")
@@ -109,6 +114,25 @@ def compare(
         rows.append(row)
         write_comparison(output_dir, config, rows)
     return rows
+
+
+def describe_settings(method: str, config: TrainConfig) -> str:
+    """One line with the inner-loop settings a method trains with (what ``compare`` prints).
+
+    Examples
+    --------
+    >>> describe_settings("maml", TrainConfig(task="sinusoid", algorithm="maml", inner_lr=0.01, inner_steps=5))
+    'maml: inner gd, 5 steps of size 0.01, meta-lr 0.001, meta-batch 25'
+    """
+    cfg = dataclasses.replace(config, algorithm=method).resolved()
+    text = f"{method}: inner {cfg.inner_solver}, {cfg.inner_steps} steps of size {cfg.inner_lr}"
+    if cfg.inner_solver == "hf":
+        text = f"{method}: inner hf (Newton-CG), up to {cfg.inner_steps} steps x {cfg.hf_cg_steps} CG"
+    if cfg.inner_tol is not None:
+        text += f", to tolerance {cfg.inner_tol}"
+    if method == "imaml":
+        text += f", lam {cfg.lam}, {cfg.cg_steps} {cfg.meta_solver} steps for the meta-gradient"
+    return text + f", meta-lr {cfg.meta_lr}, meta-batch {cfg.meta_batch}"
 
 
 def format_table(rows: list[dict[str, Any]], config: TrainConfig) -> str:

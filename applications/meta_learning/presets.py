@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "OMNIGLOT_RECIPE", "PAPER_OMNIGLOT", "PAPER_RESULTS", "PRESETS", "default_inner_steps", "default_queries",
+    "MAML_SINUSOID", "OMNIGLOT_RECIPE", "PAPER_OMNIGLOT", "PAPER_RESULTS", "PRESETS", "default_inner_steps",
+    "default_queries",
     "apply_preset",
 ]
 
@@ -42,6 +43,12 @@ SINUSOID_DEFAULTS: dict[str, Any] = {
     "hidden": 40,
     "activation": "silu",
 }
+
+#: (First-order) MAML's own inner loop on the sinusoid task, which ``compare`` gives maml and
+#: fomaml unless ``--maml-inner-lr`` / ``--maml-inner-steps`` are passed: step size 0.01 (the MAML
+#: paper's sinusoid alpha) and 5 gradient steps (the paper meta-trains with 1 and evaluates with
+#: up to 10). iMAML's inner settings (e.g. 20 steps of 0.1, or Newton-CG) diverge for plain MAML.
+MAML_SINUSOID: dict[str, Any] = {"inner_lr": 0.01, "inner_steps": 5}
 
 
 def default_inner_steps(task: str, ways: int) -> int:

@@ -44,7 +44,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .data import OmniglotTasks, SinusoidTasks, build_omniglot_splits
+from .data import OmniglotTasks, SinusoidTasks, build_omniglot_splits, load_omniglot
 from .models import OmniglotCNN, SinusoidMLP
 from .presets import (
     PAPER_OMNIGLOT,
@@ -85,7 +85,9 @@ class TrainConfig:
     feature extractor by that many epochs of the supervised baseline's training on the training
     characters (:func:`~applications.meta_learning.baseline.train_baseline`, augmented) before
     meta-training; ``augment`` distorts every meta-training image by a random affine map
-    (:func:`~applications.meta_learning.augmentation.random_affine`).
+    (:func:`~applications.meta_learning.augmentation.random_affine`); ``all_characters`` trains
+    on every character found (no held-out split: a model for use, not for a table; evaluate it on
+    an external source such as the Lake et al. one-shot runs).
 
     Examples
     --------
@@ -122,6 +124,7 @@ class TrainConfig:
     head: str = "linear"
     pretrain_epochs: int = 0
     augment: bool = False
+    all_characters: bool = False
 
     def resolved(self) -> TrainConfig:
         """A copy with the task-dependent defaults filled in and every field validated."""
@@ -157,10 +160,11 @@ class TrainConfig:
         if not isinstance(cfg.pretrain_epochs, int) or cfg.pretrain_epochs < 0:
             raise ValueError(f"pretrain_epochs must be an integer >= 0, got {cfg.pretrain_epochs!r}")
         if cfg.task != "omniglot":
-            for name, off in (("head", "linear"), ("pretrain_epochs", 0), ("augment", False)):
+            for name, off in (("head", "linear"), ("pretrain_epochs", 0), ("augment", False),
+                              ("all_characters", False)):
                 if getattr(cfg, name) != off:
                     raise ValueError(f"{name}={getattr(cfg, name)!r} is for Omniglot; the {cfg.task} task has no "
-                                     "classifier head or images")
+                                     "classifier head, images or characters")
         if cfg.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
         if cfg.algorithm not in ALGORITHMS:
@@ -243,10 +247,14 @@ def build_task_splits(config: TrainConfig, characters=None) -> dict[str, Omniglo
     Omniglot: disjoint character splits of the data found from ``config.data``, the
     environment variable or the bundled folder (errors say where the data comes from).
     Sinusoid: the same task distribution (held-out tasks come from different seeds).
+    With ``config.all_characters`` only ``"train"`` is returned, over every character.
     """
     if config.task == "sinusoid":
         tasks = SinusoidTasks(shots=config.shots, queries=config.queries)
         return {"train": tasks, "val": tasks, "test": tasks}
+    if config.all_characters:
+        data = characters if characters is not None else load_omniglot(config.data)
+        return {"train": OmniglotTasks(data.images, ways=config.ways, shots=config.shots, queries=config.queries)}
     return build_omniglot_splits(config.data, seed=config.seed, ways=config.ways, shots=config.shots,
                                  queries=config.queries, characters=characters)
 
@@ -313,6 +321,10 @@ class MetaTrainer:
         self.history: list[dict[str, float]] = []
         self.pretrained = self.config.pretrain_epochs == 0
         self.pretrain_stats: dict[str, Any] | None = None
+        #: Name of the run in error messages (``compare`` sets the method's) and the command-line
+        #: flags of its inner step size and step count (named by the non-finite meta-loss error).
+        self.label: str | None = None
+        self.inner_flags: tuple[str, str] = ("--inner-lr", "--inner-steps")
         #: The pre-trained classifier (the supervised baseline) when this process ran :meth:`pretrain`
         #: (not checkpointed): lets a caller score the starting point on the same episodes.
         self.pretrained_model: torch.nn.Module | None = None
@@ -393,8 +405,8 @@ class MetaTrainer:
         try:
             sums = self.meta_gradient(episode)
         except idiff.NonFiniteError as err:
-            raise NonFiniteMetaLossError(f"non-finite values in the meta-gradient solve at iteration "
-                                         f"{self.iteration + 1}: {err}") from err
+            raise NonFiniteMetaLossError(self._nonfinite_message(f"non-finite values in the meta-gradient solve "
+                                                                 f"({err})")) from err
         grads = [p.grad for p in self.theta.values()]
         keys = ("loss_sum", "metric_sum", "n_checks", "residual_sum", "unsolved", "backward_failed")
         stats = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -404,8 +416,7 @@ class MetaTrainer:
         finite_grad = all(bool(torch.isfinite(g).all()) for g in grads)
         if not (math.isfinite(loss_sum) and finite_grad):
             raise NonFiniteMetaLossError(
-                f"non-finite meta-loss ({loss_sum / batch}) or meta-gradient at iteration {self.iteration + 1}; "
-                "lower --meta-lr or --inner-lr, or use --inner-solver hf")
+                self._nonfinite_message(f"non-finite meta-loss ({loss_sum / batch}) or meta-gradient"))
         self.optimizer.step()
         self.iteration += 1
         seconds = time.perf_counter() - t0
@@ -421,6 +432,18 @@ class MetaTrainer:
         }
         self.history.append(record)
         return record
+
+    def _nonfinite_message(self, what: str) -> str:
+        """``what`` at which iteration of which run, with the likely cause (an inner step too large)."""
+        cfg = self.config
+        prefix = f"{self.label}: " if self.label else f"{cfg.algorithm}: "
+        lr_flag, steps_flag = self.inner_flags
+        advice = f"lower {lr_flag} (or {steps_flag}) or --meta-lr"
+        if cfg.algorithm == "imaml" and cfg.inner_solver == "gd":
+            advice += ", or use --inner-solver hf"
+        return (f"{prefix}{what} at iteration {self.iteration + 1}. Likely cause: the inner step is too large "
+                f"({cfg.inner_steps} {cfg.inner_solver} steps of size {cfg.inner_lr}) and the adaptation "
+                f"diverges; {advice}")
 
     # -- the loop -----------------------------------------------------------------------
     def train(self, iterations: int | None = None, *, progress: bool = True,
@@ -559,29 +582,111 @@ def write_metrics(output_dir: Path, history: list[dict[str, float]], task_type: 
         plot_learning_curves(history, metric, output_dir / "learning_curve.png")
 
 
-def plot_learning_curves(history: list[dict[str, float]], metric: str, path: Path) -> None:
-    """Meta-loss, query metric and inner residual per iteration (with a moving average)."""
+def _run_settings(path: Path) -> dict[str, Any]:
+    """The run's settings for the figure: ``config.json`` beside it (``train``), or the
+    ``comparison.json`` of a ``compare`` run one folder up; empty if neither is readable."""
+    for candidate in (path.parent / "config.json", path.parent.parent / "comparison.json"):
+        try:
+            data = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        settings = data.get("config", data) if isinstance(data, dict) else {}
+        if isinstance(settings, dict):
+            if candidate.name == "comparison.json":  # the method's own settings, if listed
+                for row in data.get("results", []):
+                    if isinstance(row, dict) and row.get("method") == path.parent.name:
+                        settings = {**settings, **row.get("settings", {}), "algorithm": path.parent.name}
+            return settings
+    return {}
+
+
+def _describe_run(settings: dict[str, Any]) -> str:
+    if not settings:
+        return ""
+    if settings.get("task") == "sinusoid":
+        task = f"sinusoid, {settings.get('shots')} shots"
+    else:
+        task = f"Omniglot {settings.get('ways')}-way {settings.get('shots')}-shot"
+    parts = [str(settings.get("algorithm", "")), task]
+    if settings.get("meta_batch"):
+        parts.append(f"meta-batch {settings['meta_batch']}")
+    if settings.get("lam") is not None and settings.get("algorithm") == "imaml":
+        parts.append(f"λ = {settings['lam']:g}")
+    if settings.get("inner_steps"):
+        lr = settings.get("inner_lr")
+        step = f" of {lr:g}" if isinstance(lr, (int, float)) else ""
+        parts.append(f"{settings['inner_steps']} inner steps{step}")
+    if settings.get("seed") is not None:
+        parts.append(f"seed {settings['seed']}")
+    return ", ".join(p for p in parts if p)
+
+
+def plot_learning_curves(
+    history: list[dict[str, float]],
+    metric: str,
+    path: Path,
+    *,
+    chance: float | None = None,
+    description: str | None = None,
+    tolerance: float | None = None,
+) -> None:
+    """Meta-loss, query metric and inner residual per meta-iteration, with a moving average.
+
+    Every panel has a y label with its unit and a legend for each of its lines: the value per
+    meta-iteration (thin) and its moving average over a twentieth of the run (thick); the
+    accuracy panel has the chance level (``1/ways``) and the residual panel the optimality
+    check's tolerance. ``chance``, ``tolerance`` and the title's run ``description`` (task,
+    algorithm, meta-batch, inner steps, seed) default to what the run's ``config.json``
+    beside ``path`` (or a ``compare`` run's ``comparison.json``) says.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    settings = _run_settings(path)
+    classification = metric == "accuracy"
+    if chance is None and classification and settings.get("ways"):
+        chance = 1.0 / int(settings["ways"])
+    if tolerance is None and isinstance(settings.get("check_optimality"), (int, float)):
+        tolerance = float(settings["check_optimality"])
+    if description is None:
+        description = _describe_run(settings)
+
     its = np.array([h["iteration"] for h in history])
-    panels = [("meta_loss", "meta-loss (query)"), ("metric", f"query {metric} after adaptation")]
+    loss_unit = "cross-entropy, nats" if classification else "mean squared error"
+    panels = [
+        ("meta_loss", "meta-loss", f"query loss after adaptation ({loss_unit})"),
+        ("metric", f"query {metric}",
+         "query accuracy after adaptation (fraction)" if classification else "query MSE after adaptation"),
+    ]
     if any(not math.isnan(h["inner_residual"]) for h in history):
-        panels.append(("inner_residual", "inner relative residual"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
-    for ax, (key, title) in zip(np.atleast_1d(axes), panels):
-        values = np.array([h[key] for h in history], dtype=float)
-        ax.plot(its, values, alpha=0.35, lw=0.8)
-        window = max(1, len(values) // 20)
-        if window > 1:
-            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax.plot(its[window - 1:], smooth, lw=1.6)
-        if key == "inner_residual":
-            ax.set_yscale("log")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("meta-iteration")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        panels.append(("inner_residual", "inner problems", "mean relative inner residual ‖F(φ)‖ / ‖F(θ)‖"))
+    with plt.rc_context({"font.size": 10, "legend.fontsize": 8.5, "axes.titlesize": 10.5}):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8))
+        window = max(1, len(history) // 20)
+        for ax, (key, title, ylabel) in zip(np.atleast_1d(axes), panels):
+            values = np.array([h[key] for h in history], dtype=float)
+            ax.plot(its, values, alpha=0.4, lw=0.8, color="tab:blue", label="per meta-iteration")
+            if window > 1:
+                smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+                ax.plot(its[window - 1:], smooth, lw=1.8, color="tab:orange",
+                        label=f"moving average ({window} iterations)")
+            if key == "metric" and chance is not None:
+                ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance ({chance:.2g})")
+                ax.set_ylim(0, 1)
+            if key == "inner_residual":
+                ax.set_yscale("log")
+                if tolerance is not None:
+                    ax.axhline(tolerance, color="tab:red", ls=":", lw=1.2,
+                               label=f"optimality-check tolerance ({tolerance:g})")
+            ax.set_title(title)
+            ax.set_xlabel("meta-iteration")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best")
+        if description:
+            fig.suptitle(description, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
