@@ -15,9 +15,16 @@ K. Each configuration runs in a fresh process, so that peak memory is its own:
 Also measured: time per meta-iteration (median of the timed iterations after one warm-up)
 and tasks per second with and without ``torch.func.vmap`` over the tasks.
 
+Every timed meta-iteration is kept (``seconds_all``), so the figure shows the spread.
+
 Usage::
 
     python benchmarks/imaml_memory.py [--ks 1 5 10 25 50 100] [--meta-batch 4] [--device cpu] [--out benchmarks/results]
+    # a repeated timing run at small K (one thread; about 2 minutes on a 2-core CPU)
+    OMP_NUM_THREADS=1 python benchmarks/imaml_memory.py --ks 1 5 10 25 --vmap-ks --repeats 5 --tag _timing_repeats
+    # tables and figure from saved runs (memory from the first, time from the second)
+    python benchmarks/imaml_memory.py --render benchmarks/results/imaml_memory_cpu.json \
+        --timing benchmarks/results/imaml_memory_cpu_timing_repeats.json
 """
 
 from __future__ import annotations
@@ -126,6 +133,7 @@ def run_single(algorithm: str, k: int, meta_batch: int, use_vmap: bool, device: 
         "meta_batch": meta_batch,
         "device": device,
         "seconds_per_meta_iteration": median,
+        "seconds_all": times,
         "tasks_per_second": meta_batch / median,
         "peak_memory_bytes": max(peaks),
     }
@@ -183,43 +191,90 @@ def to_rst(rows: list[dict], info: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
+STYLES = {"imaml": dict(color="tab:blue", marker="o", ls="-"), "maml": dict(color="tab:orange", marker="s", ls="--")}
+
+
+def _run_label(info: dict | None, rows: list[dict]) -> str:
+    if not info:
+        return ""
+    threads = info.get("torch_threads", "?")
+    repeats = max((len(r.get("seconds_all", [])) for r in rows), default=0)
+    reps = f"{repeats} timed repeats" if repeats else "repeats not stored"
+    return f"{threads} thread{'s' if threads != 1 else ''}, {reps}"
+
+
+def plot(rows: list[dict], path: pathlib.Path, info: dict | None = None,
+         timing: list[dict] | None = None, timing_info: dict | None = None) -> None:
+    """Peak memory and time per meta-iteration against K, one line style per algorithm.
+
+    The time panel shows the median and the range (min-max) of the timed meta-iterations of
+    each configuration, and each repeat as a dot, when the rows store them (``seconds_all``);
+    ``timing`` (rows of another run, e.g. a repeated run at small K) replaces the rows' own
+    timings there, which are then drawn as hollow markers for comparison.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for alg, style in (("imaml", "o-"), ("maml", "s--")):
-        sel = sorted((r for r in rows if r["algorithm"] == alg and r["vmap"]), key=lambda r: r["K"])
-        if not sel:
-            continue
-        ks = [r["K"] for r in sel]
-        ax1.plot(ks, [r["peak_memory_bytes"] / 2**20 for r in sel], style, label=alg)
-        ax2.plot(ks, [r["seconds_per_meta_iteration"] for r in sel], style, label=alg)
-    for ax, label in ((ax1, "peak memory of a meta-iteration (MiB)"), (ax2, "seconds per meta-iteration")):
-        ax.set_xscale("log")
-        ax.set_xlabel("inner steps K")
-        ax.set_ylabel(label)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with plt.rc_context({"font.size": 10, "legend.fontsize": 9}):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 4.2))
+        for alg, style in STYLES.items():
+            sel = sorted((r for r in rows if r["algorithm"] == alg and r["vmap"]), key=lambda r: r["K"])
+            if sel:
+                ax1.plot([r["K"] for r in sel], [r["peak_memory_bytes"] / 2**20 for r in sel], label=alg, **style)
+        timed = timing if timing is not None else rows
+        for alg, style in STYLES.items():
+            sel = sorted((r for r in timed if r["algorithm"] == alg and r["vmap"]), key=lambda r: r["K"])
+            if not sel:
+                continue
+            ks = [r["K"] for r in sel]
+            med = [r["seconds_per_meta_iteration"] for r in sel]
+            spread = [r.get("seconds_all") or [r["seconds_per_meta_iteration"]] for r in sel]
+            lo = [m - min(a) for m, a in zip(med, spread)]
+            hi = [max(a) - m for m, a in zip(med, spread)]
+            label = f"{alg} (median, min-max)" if any(len(a) > 1 for a in spread) else alg
+            ax2.errorbar(ks, med, yerr=[lo, hi], capsize=3, label=label, **style)
+            for k, a in zip(ks, spread):
+                if len(a) > 1:
+                    ax2.plot([k] * len(a), a, ".", color=style["color"], alpha=0.4, ms=4)
+            if timing is not None:
+                first = sorted((r for r in rows if r["algorithm"] == alg and r["vmap"]), key=lambda r: r["K"])
+                ax2.plot([r["K"] for r in first], [r["seconds_per_meta_iteration"] for r in first],
+                         marker=style["marker"], ls=":", color=style["color"], mfc="none", alpha=0.7,
+                         label=f"{alg}, the table's run")
+        ax1.set_ylabel("peak memory of a meta-iteration (MiB)")
+        ax1.set_title("memory (the table's run)")
+        ax2.set_ylabel("seconds per meta-iteration")
+        title = f"time: {_run_label(timing_info or info, timed)}" if (timing_info or info) else "time"
+        if timing is not None:
+            title += f"\n(hollow: the table's run, {(info or {}).get('torch_threads', '?')} thread(s))"
+        ax2.set_title(title)
+        for ax in (ax1, ax2):  # linear axes: linear growth in K shows as a straight line
+            ax.set_xlabel("inner gradient steps K")
+            ax.set_xlim(left=0)
+            ax.set_ylim(bottom=0)
+            ax.legend(loc="upper left")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
 
 
-def write_outputs(rows: list[dict], info: dict, stem: pathlib.Path) -> str:
+def write_outputs(rows: list[dict], info: dict, stem: pathlib.Path, timing: dict | None = None) -> str:
+    """JSON, markdown, reST and PNG; ``timing``: a saved run whose timings the figure shows."""
     stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
     md = to_markdown(rows, info)
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".rst").write_text(to_rst(rows, info))
-    plot(rows, stem.with_suffix(".png"))
+    plot(rows, stem.with_suffix(".png"), info, timing and timing["rows"], timing and timing["machine"])
     return md
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10, 25, 50, 100])
-    parser.add_argument("--vmap-ks", type=int, nargs="+", default=[5], help="K values also measured without vmap")
+    parser.add_argument("--vmap-ks", type=int, nargs="*", default=[5], help="K values also measured without vmap")
     parser.add_argument("--algorithms", nargs="+", default=["imaml", "maml"], choices=["imaml", "maml"])
     parser.add_argument("--meta-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
@@ -228,6 +283,9 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--single", nargs=3, metavar=("ALG", "K", "VMAP"), help=argparse.SUPPRESS)
     parser.add_argument("--render", type=pathlib.Path, default=None, help="rewrite tables and plot from a saved JSON")
+    parser.add_argument("--tag", default="", help="suffix of the output files (imaml_memory_<device><tag>.*)")
+    parser.add_argument("--timing", type=pathlib.Path, default=None,
+                        help="with --render: draw the time panel from this saved run (e.g. repeated, small K)")
     args = parser.parse_args()
     if args.single:
         alg, k, vm = args.single
@@ -236,7 +294,8 @@ def main() -> None:
         return
     if args.render is not None:
         saved = json.loads(args.render.read_text())
-        print(write_outputs(saved["rows"], saved["machine"], args.render.with_suffix("")))
+        timing = json.loads(args.timing.read_text()) if args.timing else None
+        print(write_outputs(saved["rows"], saved["machine"], args.render.with_suffix(""), timing))
         return
     if args.meta_batch < 1 or args.repeats < 1 or any(k < 1 for k in args.ks):
         parser.error("--meta-batch, --repeats and every K must be positive")
@@ -256,7 +315,7 @@ def main() -> None:
     raw = machine_info(args.device)
     info = {"cpu": raw["cpu_model"], "cores": raw["usable_cores"], "torch": raw["torch_version"], **raw}
     args.out.mkdir(parents=True, exist_ok=True)
-    print(write_outputs(rows, info, args.out / f"imaml_memory_{args.device.split(':')[0]}"))
+    print(write_outputs(rows, info, args.out / f"imaml_memory_{args.device.split(':')[0]}{args.tag}"))
 
 
 if __name__ == "__main__":

@@ -108,8 +108,8 @@ class SolveInfo:
         if self.status is None:
             return f"{self.solver}{where}: no status recorded"
         rel = "n/a" if self.relative_residual is None else f"{self.relative_residual:.3e}"
-        msg = (f"{self.solver}{where}: status {self.status.name} after {self.iterations} iterations, "
-               f"relative residual {rel}")
+        steps = "" if self.iterations is None else f" after {self.iterations} iterations"
+        msg = f"{self.solver}{where}: status {self.status.name}{steps}, relative residual {rel}"
         return msg + (f" ({self.message})" if self.message else "")
 
 

@@ -67,8 +67,9 @@ _MUTATION_HINT = (
     "{name}: {where} modifies a tensor in place that it does not receive as an argument (functorch: "
     "'mutate a captured Tensor'). The usual cause is an nn.Module with BatchNorm in train mode called through "
     "torch.func.functional_call: it updates its running_mean / running_var buffers on every call. Fixes: call "
-    "module.eval() for the inner problem, build BatchNorm with track_running_stats=False, or pass the buffers as "
-    "an argument (functional_call(module, {{**params, **buffers}}, ...)) so that they are not captured."
+    "module.eval() for the inner problem (it then normalizes with its running statistics), or build BatchNorm "
+    "with track_running_stats=False (batch statistics, no buffers). Passing the buffers as an argument does not "
+    "help: the implicit function would still see them change in place."
 )
 
 

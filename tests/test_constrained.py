@@ -566,7 +566,7 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "constrained.rst"
 def _code_blocks() -> list[str]:
     text = DOCS.read_text()
     blocks = []
-    for match in re.finditer(r"\.\. code-block:: python\n\n((?:(?:   .*)?\n)+)", text):
+    for match in re.finditer(r"\.\. testcode::\n\n((?:(?:   .*)?\n)+)", text):
         lines = [line[3:] for line in match.group(1).splitlines()]
         blocks.append("\n".join(lines))
     return blocks

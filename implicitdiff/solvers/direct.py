@@ -11,12 +11,17 @@ from .base import LinearProblem, LinearSolver, RawSolution
 __all__ = ["Direct"]
 
 
+_BATCHED_MAX = 256
+
+
 def materialize(problem: LinearProblem) -> torch.Tensor:
     """The operator as a dense ``n x n`` matrix: one batched product when the problem offers it,
     else ``n`` products batched by ``torch.func.vmap`` (a Python loop if the product does not vmap)."""
     b = problem.b
     eye = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
-    if problem.matmat is not None:
+    # one vmapped backward is the fastest for small n (one call instead of n); for large n it was
+    # measured slower than n separate products (ridge, n = 1000: 2.1 s against 0.37 s on one CPU thread)
+    if problem.matmat is not None and b.shape[-1] <= _BATCHED_MAX:
         return problem.matmat(eye).T
     try:
         rows = torch.func.vmap(problem.matvec)(eye)
