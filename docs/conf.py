@@ -24,7 +24,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 project = "implicitdiff"
 author = "implicitdiff developers"
 copyright = "2026, implicitdiff developers"
-release = "0.1.0"
+import implicitdiff._version  # noqa: E402
+
+release = implicitdiff._version.__version__  # one source of truth
 
 extensions = [
     "sphinx.ext.autodoc",
