@@ -107,19 +107,11 @@ def projected_gradient_condition(
     >>> b.grad   # x_0 = (b_0 + b_2) / 2 on the active set {x_1 = 0}
     tensor([0.5000, -0.0000, 0.5000], dtype=torch.float64)
     """
-    _check_stepsize(stepsize)
-    checked = _scalar_objective(objective)
-    gradient = torch.func.grad(checked, argnums=0)
-
-    def residual(x: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
-        eta = inverse_lipschitz(checked, x, args, kwargs) if stepsize is None else stepsize
-        step = tree_map(lambda xi, gi: xi - eta * gi, x, gradient(x, *args, **kwargs))
-        return tree_map(torch.sub, x, projection(step, params))
-
-    return Condition(
-        residual,
-        symmetric=False,
-        name=f"projected gradient fixed point of {_name(objective, 'objective')} onto {_name(projection, 'the set')}",
+    return _gradient_step_condition(
+        objective,
+        lambda step, params, eta: projection(step, params),
+        stepsize,
+        f"projected gradient fixed point of {_name(objective, 'objective')} onto {_name(projection, 'the set')}",
     )
 
 
@@ -189,6 +181,22 @@ def proximal_gradient_condition(
     >>> torch.autograd.grad(w.sum(), lam)[0]   # -1 + 0 + 1
     tensor(0., dtype=torch.float64)
     """
+    return _gradient_step_condition(
+        objective,
+        lambda step, params, eta: prox(step, params, scaling=eta),
+        stepsize,
+        f"proximal gradient fixed point of {_name(objective, 'objective')} with {_name(prox, 'prox')}",
+    )
+
+
+def _gradient_step_condition(
+    objective: Callable[..., torch.Tensor],
+    nonsmooth_step: Callable[[Any, Any, Any], Any],
+    stepsize: float | None,
+    name: str,
+) -> Condition:
+    """``F(x, params, ...) = x - S(x - eta grad f(x, ...), params, eta)``: the projected (S a projection)
+    or proximal (S a prox with scaling eta) gradient fixed point."""
     _check_stepsize(stepsize)
     checked = _scalar_objective(objective)
     gradient = torch.func.grad(checked, argnums=0)
@@ -196,13 +204,9 @@ def proximal_gradient_condition(
     def residual(x: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
         eta = inverse_lipschitz(checked, x, args, kwargs) if stepsize is None else stepsize
         step = tree_map(lambda xi, gi: xi - eta * gi, x, gradient(x, *args, **kwargs))
-        return tree_map(torch.sub, x, prox(step, params, scaling=eta))
+        return tree_map(torch.sub, x, nonsmooth_step(step, params, eta))
 
-    return Condition(
-        residual,
-        symmetric=False,
-        name=f"proximal gradient fixed point of {_name(objective, 'objective')} with {_name(prox, 'prox')}",
-    )
+    return Condition(residual, symmetric=False, name=name)
 
 
 def kkt_condition(

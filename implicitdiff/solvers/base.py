@@ -47,8 +47,9 @@ class LinearProblem:
         Python control flow on tensor values (``if residual < tol``) is allowed. False under
         ``torch.func.vmap``: solvers must then run ``maxiter`` masked iterations.
     differentiable : bool
-        The caller will differentiate through the solve (higher-order derivatives): keep
-        scalars as tensors, do not turn them into Python numbers.
+        The caller will differentiate through the solver's iterations: keep scalars as
+        tensors. implicitdiff itself always passes False (derivatives of solves follow the
+        adjoint rule, never the iterations); the field stays for solvers used elsewhere.
     preconditioner : callable or None
         ``v -> M v`` with ``M`` approximating ``(A + damping I)^{-1}``.
     matmat : callable or None
