@@ -150,7 +150,11 @@ def exact_hypergradient(kind: str, data: dict[str, np.ndarray]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- methods
-def implicitdiff_method(kind: str, data: dict[str, np.ndarray], solver: idiff.LinearSolver | None) -> Callable[[], np.ndarray]:
+def implicitdiff_method(
+    kind: str, data: dict[str, np.ndarray], solver: idiff.LinearSolver | None, *, reuse: bool = False
+) -> Callable[[], np.ndarray]:
+    """One hypergradient step; with ``reuse`` the default solver keeps its factorization between calls
+    (several backward calls at one solution), else every call factorizes afresh (a new outer step)."""
     f, g = torch_fns(kind)
     T = {k: torch.as_tensor(v) for k, v in data.items()}
     kwargs: dict[str, Any] = {"objective": f}
@@ -165,6 +169,8 @@ def implicitdiff_method(kind: str, data: dict[str, np.ndarray], solver: idiff.Li
     w0 = torch.zeros_like(w_star)
 
     def run() -> np.ndarray:
+        if isinstance(given.solver, idiff.Auto) and not reuse:
+            given.solver.reset()
         theta = T["theta"].clone().requires_grad_(True)
         return torch.autograd.grad(g(given(w0, theta, T["Xt"], T["yt"]), T["Xv"], T["yv"]), theta)[0].numpy()
 
@@ -288,7 +294,8 @@ def _optx_rewrite_logistic(root, _, inputs):
 def methods(kind: str, data: dict[str, np.ndarray], tol: float) -> dict[str, Callable[[], np.ndarray]]:
     out: dict[str, Callable[[], np.ndarray]] = {
         f"implicitdiff CG (tol {tol:g})": implicitdiff_method(kind, data, idiff.CG(tol=tol)),
-        "implicitdiff default (CG, tol 1e-6)": implicitdiff_method(kind, data, None),
+        "implicitdiff default (Auto: dense up to n = 256, else CG tol 1e-6)": implicitdiff_method(kind, data, None),
+        "implicitdiff default, factorization reused": implicitdiff_method(kind, data, None, reuse=True),
         "implicitdiff Direct": implicitdiff_method(kind, data, idiff.Direct()),
         f"hand-written torch CG (tol {tol:g})": handwritten_torch(kind, data, tol),
     }

@@ -20,6 +20,7 @@ from ._version import __version__ as __version__
 from .conditions import Condition, fixed_point_condition, proximal_condition, stationarity_condition
 from .constrained import kkt_condition, projected_gradient_condition, proximal_gradient_condition
 from .diagnostics import FailurePolicy, SolveInfo, SolveStatus, record_solves
+from .distributed import DataParallel
 from .errors import (
     ImplicitDiffError,
     InnerOptimalityWarning,
@@ -30,10 +31,13 @@ from .errors import (
 from .implicit_diff import ImplicitFunction, implicit_diff
 from .inner_solvers import OptimizeResult, fista, projected_gradient
 from .linear_solve import LinearSolution, linear_solve
+from .minibatch import Minibatch
+from .preconditioners import NystromPreconditioner
 from .solvers import (
     CG,
     GMRES,
     MINRES,
+    Auto,
     BiCGSTAB,
     Direct,
     LinearProblem,
@@ -58,6 +62,8 @@ __all__ = [
     "NormalCG",
     "Neumann",
     "Direct",
+    "Auto",
+    "NystromPreconditioner",
     "Condition",
     "stationarity_condition",
     "fixed_point_condition",
@@ -65,6 +71,8 @@ __all__ = [
     "projected_gradient_condition",
     "proximal_gradient_condition",
     "kkt_condition",
+    "Minibatch",
+    "DataParallel",
     "projections",
     "prox",
     "projected_gradient",

@@ -2,7 +2,7 @@
 
 implicitdiff differentiates a solution through the condition it satisfies. These helpers
 build the condition for the usual cases and carry one fact the library uses: whether the
-Jacobian ``dF/dx`` is symmetric (then CG is the default backward solver). Signs are
+Jacobian ``dF/dx`` is symmetric (then CG is the default iterative backward solver). Signs are
 normalized so that the Jacobian is "positive" in the usual cases: the Hessian for an
 objective, ``I - dT/dx`` for a fixed point, ``I + H/lambda`` for the proximal condition.
 """
@@ -29,7 +29,7 @@ class Condition:
         The residual.
     symmetric : bool
         Whether ``dF/dx`` is symmetric (true for gradients of objectives); selects CG as the
-        default backward solver.
+        default iterative backward solver (GMRES otherwise).
     name : str
         Shown in error messages.
     eager : callable, optional
@@ -41,6 +41,10 @@ class Condition:
         The residual by plain autograd with its graph (``create_graph=True``), for ``x`` whose
         leaves require grad: the backward pass's products then run on a plain autograd graph,
         which is cheaper per product than a graph of ``torch.func.grad``.
+    step : callable, optional
+        The iteration ``x -> T(x, *args, **kwargs)`` whose fixed points are the roots of the
+        residual, when the condition has that form (a fixed point, a projected or proximal
+        gradient step): the differentiable step of ``mode="truncated"``.
     """
 
     def __init__(
@@ -51,8 +55,10 @@ class Condition:
         name: str,
         eager: Callable[..., tuple[Any, bool]] | None = None,
         eager_graph: Callable[..., Any] | None = None,
+        step: Callable[..., Any] | None = None,
     ) -> None:
         self.fn = fn
+        self.step = step
         self.symmetric = symmetric
         self.name = name
         self.eager = eager
@@ -88,7 +94,7 @@ def stationarity_condition(objective: Callable[..., torch.Tensor]) -> Condition:
     Returns
     -------
     Condition
-        Symmetric (its Jacobian is the Hessian), so CG is the default backward solver.
+        Symmetric (its Jacobian is the Hessian), so CG is the default iterative backward solver.
 
     Examples
     --------
@@ -169,7 +175,7 @@ def fixed_point_condition(fixed_point: Callable[..., Any]) -> Condition:
     Returns
     -------
     Condition
-        Not symmetric: GMRES is the default backward solver.
+        Not symmetric: GMRES is the default iterative backward solver.
 
     Examples
     --------
@@ -182,7 +188,9 @@ def fixed_point_condition(fixed_point: Callable[..., Any]) -> Condition:
     def residual(x: Any, *args: Any, **kwargs: Any) -> Any:
         return tree_map(torch.sub, x, fixed_point(x, *args, **kwargs))
 
-    return Condition(residual, symmetric=False, name=f"fixed point of {getattr(fixed_point, '__name__', 'map')}")
+    return Condition(
+        residual, symmetric=False, name=f"fixed point of {getattr(fixed_point, '__name__', 'map')}", step=fixed_point
+    )
 
 
 def proximal_condition(loss_fn: Callable[..., torch.Tensor], lam: float) -> Condition:

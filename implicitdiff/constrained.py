@@ -11,7 +11,8 @@ Three condition builders, each returning a :class:`~implicitdiff.Condition` to p
   g(x, \theta) \le 0`, when the inner solver also returns the multipliers.
 
 None of their Jacobians is symmetric, so :class:`~implicitdiff.GMRES` is the default
-backward solver. The mathematics, the choice between them and the step size are explained
+iterative backward solver (:class:`~implicitdiff.Auto` factorizes small systems by
+LU). The mathematics, the choice between them and the step size are explained
 in :doc:`/constrained`.
 """
 
@@ -84,7 +85,7 @@ def projected_gradient_condition(
     Returns
     -------
     Condition
-        Not symmetric: :class:`~implicitdiff.GMRES` is the default backward solver.
+        Not symmetric: :class:`~implicitdiff.GMRES` is the default iterative backward solver.
 
     Examples
     --------
@@ -157,7 +158,7 @@ def proximal_gradient_condition(
     Returns
     -------
     Condition
-        Not symmetric: :class:`~implicitdiff.GMRES` is the default backward solver.
+        Not symmetric: :class:`~implicitdiff.GMRES` is the default iterative backward solver.
 
     Examples
     --------
@@ -202,11 +203,14 @@ def _gradient_step_condition(
     gradient = torch.func.grad(checked, argnums=0)
 
     def residual(x: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        return tree_map(torch.sub, x, iteration(x, params, *args, **kwargs))
+
+    def iteration(x: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
         eta = inverse_lipschitz(checked, x, args, kwargs) if stepsize is None else stepsize
         step = tree_map(lambda xi, gi: xi - eta * gi, x, gradient(x, *args, **kwargs))
-        return tree_map(torch.sub, x, nonsmooth_step(step, params, eta))
+        return nonsmooth_step(step, params, eta)
 
-    return Condition(residual, symmetric=False, name=name)
+    return Condition(residual, symmetric=False, name=name, step=iteration)
 
 
 def kkt_condition(
@@ -241,8 +245,9 @@ def kkt_condition(
         \begin{pmatrix} \nabla^2_x L & J_h^\top & J_g^\top \\ J_h & 0 & 0 \\
         \operatorname{diag}(\mu) J_g & 0 & \operatorname{diag}(g) \end{pmatrix},
 
-    indefinite and not symmetric: :class:`~implicitdiff.GMRES` is the default backward
-    solver. It is non-singular under the usual sufficient conditions — linearly independent
+    indefinite and not symmetric: :class:`~implicitdiff.GMRES` is the default iterative
+    backward solver (LU below :class:`~implicitdiff.Auto`'s dense
+    size). It is non-singular under the usual sufficient conditions — linearly independent
     gradients of the active constraints (LICQ), second-order sufficiency, and **strict
     complementarity**: every active inequality (:math:`g_i = 0`) has :math:`\mu_i > 0`. At
     a degenerate active constraint (:math:`g_i = 0` and :math:`\mu_i = 0`) the row of
@@ -265,7 +270,7 @@ def kkt_condition(
     Returns
     -------
     Condition
-        Not symmetric: GMRES is the default backward solver.
+        Not symmetric: GMRES is the default iterative backward solver.
 
     Raises
     ------

@@ -77,6 +77,9 @@ class SolveInfo:
         Number of solves this record summarizes (more than 1 under ``torch.func.vmap``).
     batch_failures : int or None
         How many of them were not successful; None for a single solve (see :attr:`num_failed`).
+    stochastic : bool
+        The products were taken on minibatches (:class:`~implicitdiff.Minibatch`): the residual
+        is that of a minibatch operator, an estimate, not the full system's.
     """
 
     solver: str
@@ -89,6 +92,7 @@ class SolveInfo:
     message: str = ""
     batch_size: int = 1
     batch_failures: int | None = None
+    stochastic: bool = False
 
     @property
     def num_failed(self) -> int:

@@ -11,6 +11,7 @@ from ._functorch import any_true, is_wrapped, physical, under_functorch, under_v
 from ._tree import PyTree, Raveler, describe, leaves, tree_structure
 from .diagnostics import SolveInfo, SolveStatus, report
 from .errors import ImplicitDiffError, NonFiniteError
+from .preconditioners import OperatorPreconditioner
 from .solvers.base import LinearProblem, LinearSolver
 from .solvers.gmres import GMRES
 
@@ -54,6 +55,9 @@ def _private(fn: Callable[[torch.Tensor], torch.Tensor], single_leaf: bool) -> C
     return lambda v: fn(v.clone())
 
 
+_STOCHASTIC_NOTE = "products on minibatches: the residual is an estimate"
+
+
 def _true_residual(op: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.linalg.vector_norm(b - op(x)).detach()
@@ -69,6 +73,7 @@ def solve_flat(
     rmatvec_factory: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None,
     kind: str = "linear_solve",
     function: str = "",
+    stochastic: bool = False,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Solve on flat vectors with scaling, damping, preconditioning, verification and reporting (private).
 
@@ -77,7 +82,7 @@ def solve_flat(
     product: a ``CONVERGED`` that it does not confirm is rerun from ``x`` (residual replacement) and
     reported as ``STAGNATED`` if that does not help; a failed solve never returns an iterate worse
     than the initial guess. ``raveler`` describes the pytree behind the flat vectors (for the
-    preconditioner).
+    preconditioner). ``stochastic``: the products are taken on minibatches (marked in the record).
     """
     eager = not under_vmap()
     name = solver.name
@@ -121,7 +126,9 @@ def solve_flat(
     if eager:
         abs_tol = _to_float(abs_tol)
     precond = None
-    if solver.preconditioner is not None:
+    if isinstance(solver.preconditioner, OperatorPreconditioner):  # built from the operator (Nystrom)
+        precond = solver.preconditioner.bind(op, bn, _batched_products(matvec, damping))
+    elif solver.preconditioner is not None:
         user_m = solver.preconditioner
         precond = _private(lambda v: raveler.ravel(user_m(raveler.unravel(v))), raveler.single)
     if rmatvec_factory is not None and damping != 0.0:
@@ -160,7 +167,8 @@ def solve_flat(
         residual_norm=res_n * scale,
         relative_residual=res_n / max(float(bnorm.detach()), 1e-300),
         function=function,
-        message=note,
+        message="; ".join(m for m in (note, _STOCHASTIC_NOTE if stochastic else "") if m),
+        stochastic=stochastic,
     )
     report(info, solver.on_failure)
     return x * scale, info

@@ -405,7 +405,8 @@ def test_conditions_are_not_symmetric_and_default_to_gmres():
                       idiff.proximal_gradient_condition(qp_objective, prox.l1),
                       idiff.kkt_condition(qp_objective, ineq=lambda x, Q, c: -x)):
         assert isinstance(condition, idiff.Condition) and not condition.symmetric
-        assert isinstance(idiff.implicit_diff(condition)(lambda x0, *a: x0).solver, idiff.GMRES)
+        solver = idiff.implicit_diff(condition)(lambda x0, *a: x0).solver
+        assert isinstance(solver, idiff.Auto) and isinstance(solver.iterative, idiff.GMRES)
     with pytest.raises(ValueError, match="stepsize"):
         idiff.projected_gradient_condition(qp_objective, projections.box, stepsize=0.0)
 

@@ -1,5 +1,6 @@
 """Matrix-free linear solvers behind one interface (:class:`LinearSolver`)."""
 
+from .auto import Auto
 from .base import LinearProblem, LinearSolver, RawSolution
 from .bicgstab import BiCGSTAB
 from .cg import CG
@@ -20,4 +21,5 @@ __all__ = [
     "NormalCG",
     "Neumann",
     "Direct",
+    "Auto",
 ]

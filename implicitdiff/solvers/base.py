@@ -17,6 +17,7 @@ import torch
 
 from .._functorch import any_true
 from ..diagnostics import FailurePolicy, SolveStatus, check_policy
+from ..preconditioners import OperatorPreconditioner
 
 __all__ = ["LinearSolver", "LinearProblem", "RawSolution"]
 
@@ -126,9 +127,11 @@ class LinearSolver(abc.ABC):
     damping : float
         Solve ``(A + damping I) x = b`` instead: the Levenberg-Marquardt / Tikhonov remedy
         for singular or indefinite operators (e.g. the Hessian of a non-convex inner problem).
-    preconditioner : callable or None
+    preconditioner : callable, NystromPreconditioner or None
         Maps a pytree shaped like ``b`` to an approximation of ``(A + damping I)^{-1}`` applied
-        to it. For CG and MINRES it must be symmetric positive definite.
+        to it. For CG and MINRES it must be symmetric positive definite. A
+        :class:`~implicitdiff.NystromPreconditioner` is built from the operator of each solve
+        instead (and reused while the operator does not change).
     on_failure : {"warn", "raise", "ignore"}
         What to do when the solve does not succeed (max iterations reached with ``tol`` set,
         negative curvature, breakdown). Applies in the backward pass too: ``"raise"`` makes
@@ -182,6 +185,9 @@ class LinearSolver(abc.ABC):
     requires_symmetric: bool = False
     #: Whether ``CONVERGED`` is confirmed on the true residual after the solve (not for factorizations).
     checks_true_residual: bool = True
+    #: Whether the solver stays sound when every product sees another (random) operator with the
+    #: right expectation: true for stationary iterations (Neumann), false for Krylov methods.
+    accepts_stochastic_operator: bool = False
 
     def __init__(
         self,
@@ -190,7 +196,7 @@ class LinearSolver(abc.ABC):
         atol: float = 0.0,
         maxiter: int | None = None,
         damping: float = 0.0,
-        preconditioner: Callable[[Any], Any] | None = None,
+        preconditioner: Callable[[Any], Any] | OperatorPreconditioner | None = None,
         on_failure: FailurePolicy = "warn",
     ) -> None:
         if tol is not None and not tol >= 0:
@@ -203,8 +209,13 @@ class LinearSolver(abc.ABC):
             raise ValueError(f"maxiter must be a non-negative int or None, got {maxiter!r}")
         if not (isinstance(damping, (int, float)) and damping == damping):
             raise ValueError(f"damping must be a finite float, got {damping!r}")
-        if preconditioner is not None and not callable(preconditioner):
-            raise TypeError(f"preconditioner must be callable, got {type(preconditioner).__name__}")
+        if preconditioner is not None and not (
+            callable(preconditioner) or isinstance(preconditioner, OperatorPreconditioner)
+        ):
+            raise TypeError(
+                "preconditioner must be callable or an implicitdiff.NystromPreconditioner, "
+                f"got {type(preconditioner).__name__}"
+            )
         self.tol = tol
         self.atol = float(atol)
         self.maxiter = maxiter

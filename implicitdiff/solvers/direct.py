@@ -73,7 +73,13 @@ class Direct(LinearSolver):
         # singular to working precision: a pivot negligible against the largest one (LU succeeds on a
         # rank-deficient matrix rounded away from singular and returns a huge, meaningless x)
         singular = (info != 0) | (pivot_sizes.min() <= n * torch.finfo(b.dtype).eps * pivot_sizes.max())
-        x = torch.linalg.lu_solve(lu, pivots, b.unsqueeze(-1)).squeeze(-1)
+        if problem.eager:
+            x = torch.linalg.lu_solve(lu, pivots, b.unsqueeze(-1)).squeeze(-1)
+        else:
+            # torch 2.13's lu_solve is wrong under nested vmap when the factor and the right-hand side are
+            # batched at different levels (an operator batched by an outer vmap, right-hand sides by an inner
+            # one, as in vmap(jacrev(f))): linalg.solve is right there
+            x = torch.linalg.solve_ex(matrix, b.unsqueeze(-1))[0].squeeze(-1)  # _ex: singular is handled below
         if any_true(singular):
             # the minimum-norm least-squares solution instead (finite, never worse than x = 0)
             x = torch.where(singular, torch.linalg.pinv(matrix) @ b, x)

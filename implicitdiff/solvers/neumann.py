@@ -59,6 +59,9 @@ class Neumann(LinearSolver):
     True
     """
 
+    #: A stationary iteration: with independent random products its expectation is the full one's
+    accepts_stochastic_operator = True
+
     def __init__(self, step_size: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
         if not step_size > 0:
