@@ -1004,10 +1004,18 @@ def _leaf_names(tree: Any, param_names: Sequence[str] = ()) -> list[str]:
 
 
 def _needs_graph(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether a derivative computed from ``tensors`` will itself be differentiated."""
-    if any(is_wrapped(t) for t in tensors):
+    """Whether a derivative computed from ``tensors`` will itself be differentiated.
+
+    Tensors wrapped by an active grad or jvp transform will be; tensors that are only batched
+    (a first-order backward pass run under ``vmap``, e.g. over a batch of tasks) are not, unless
+    grad mode is on (``create_graph=True``) and the tensors under the batching require grad.
+    """
+    reverse, forward = ad_levels()
+    if (reverse or forward) and any(is_wrapped(t) for t in tensors):
         return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad or (is_wrapped(t) and physical(t).requires_grad) for t in tensors)
 
 
 def _has_plain_tangent(tensors: Sequence[torch.Tensor]) -> bool:

@@ -59,7 +59,7 @@ class Neumann(LinearSolver):
     True
     """
 
-    #: A stationary iteration: with independent random products its expectation is the full one's
+    #: A stationary iteration, whose expectation under independent random products is the full one's
     accepts_stochastic_operator = True
 
     def __init__(self, step_size: float = 1.0, **kwargs) -> None:
