@@ -151,13 +151,14 @@ def exact_hypergradient(kind: str, data: dict[str, np.ndarray]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- methods
 def implicitdiff_method(
-    kind: str, data: dict[str, np.ndarray], solver: idiff.LinearSolver | None, *, reuse: bool = False
+    kind: str, data: dict[str, np.ndarray], solver: idiff.LinearSolver | None, *, reuse: bool = False,
+    compile_backward: bool = False,
 ) -> Callable[[], np.ndarray]:
     """One hypergradient step; with ``reuse`` the default solver keeps its factorization between calls
     (several backward calls at one solution), else every call factorizes afresh (a new outer step)."""
     f, g = torch_fns(kind)
     T = {k: torch.as_tensor(v) for k, v in data.items()}
-    kwargs: dict[str, Any] = {"objective": f}
+    kwargs: dict[str, Any] = {"objective": f, "compile_backward": compile_backward}
     if solver is not None:
         kwargs["solver"] = solver
     w_star = T["w"]
@@ -296,6 +297,10 @@ def methods(kind: str, data: dict[str, np.ndarray], tol: float) -> dict[str, Cal
         f"implicitdiff CG (tol {tol:g})": implicitdiff_method(kind, data, idiff.CG(tol=tol)),
         "implicitdiff default (Auto: dense up to n = 256, else CG tol 1e-6)": implicitdiff_method(kind, data, None),
         "implicitdiff default, factorization reused": implicitdiff_method(kind, data, None, reuse=True),
+        "implicitdiff default + compile_backward": implicitdiff_method(kind, data, None, compile_backward=True),
+        f"implicitdiff CG (tol {tol:g}) + compile_backward": implicitdiff_method(
+            kind, data, idiff.CG(tol=tol), compile_backward=True
+        ),
         "implicitdiff Direct": implicitdiff_method(kind, data, idiff.Direct()),
         f"hand-written torch CG (tol {tol:g})": handwritten_torch(kind, data, tol),
     }

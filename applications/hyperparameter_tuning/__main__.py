@@ -1,4 +1,4 @@
-"""Command line: ``python -m applications.hyperparameter_tuning {regularization,distillation,equilibrium}``.
+"""Command line: ``python -m applications.hyperparameter_tuning {regularization,distillation,equilibrium,svm-dual}``.
 
 ``--quick`` runs a small version (seconds to a minute on a laptop CPU); ``--out`` chooses the output
 folder (default ``outputs/hyperparameter_tuning/<app>/``); progress bars (rate and ETA) go to stderr
@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 
-from . import distillation, equilibrium, regularization
+from . import distillation, equilibrium, regularization, svm_dual
 
-APPS = ("regularization", "distillation", "equilibrium")
+APPS = ("regularization", "distillation", "equilibrium", "svm-dual")
 
 
 def _regularization(args: argparse.Namespace, out: Path) -> list[Path]:
@@ -53,6 +53,15 @@ def _equilibrium(args: argparse.Namespace, out: Path) -> list[Path]:
     return [out / "training_table.md"]
 
 
+def _svm_dual(args: argparse.Namespace, out: Path) -> list[Path]:
+    config = svm_dual.quick_config() if args.quick else svm_dual.SVMConfig()
+    if args.max_samples is not None:
+        config.max_samples = args.max_samples
+    svm_dual.run(config, out, seed=args.seed, device=args.device, progress=not args.no_progress)
+    print((out / "svm_dual.md").read_text())
+    return [out / "svm_dual.md"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run one application, print its tables."""
     parser = argparse.ArgumentParser(prog="python -m applications.hyperparameter_tuning", description=__doc__)
@@ -79,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.device(args.device)  # fail early on a malformed device string
     out = args.out or Path("outputs") / "hyperparameter_tuning" / args.app
     start, wall_start = time.perf_counter(), time.time() - 1.0  # (file times may be rounded to the second)
-    runner = {"regularization": _regularization, "distillation": _distillation, "equilibrium": _equilibrium}[args.app]
+    runner = {"regularization": _regularization, "distillation": _distillation, "equilibrium": _equilibrium,
+              "svm-dual": _svm_dual}[args.app]
     runner(args, out)
     written = sorted(p.name for p in Path(out).iterdir() if p.is_file() and p.stat().st_mtime >= wall_start)
     print(f"wrote results to {out}/ in {time.perf_counter() - start:.1f} s: {', '.join(written)}")
