@@ -44,6 +44,7 @@ from .data import (
     resolve_omniglot_root,
 )
 from .evaluation import MIN_PAPER_EPISODES, evaluate
+from .inner_accuracy import add_inner_accuracy_parser, cmd_inner_accuracy
 from .lake import LakeRun, evaluate_lake_runs, format_lake_results, load_lake_runs
 from .learner import MetaLearner
 from .presets import MAML_SINUSOID, OMNIGLOT_RECIPE, PRESETS, apply_preset
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--maml-inner-steps", type=int,
                       help="inner steps for maml/fomaml (default: sinusoid 5; Omniglot --inner-steps)")
     cmp_.add_argument("--baseline-epochs", type=int, default=None, help="pre-training epochs of the baseline")
+    add_inner_accuracy_parser(sub)
     return parser
 
 
@@ -444,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return EXIT_USAGE
         torch.set_num_threads(args.threads)
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare}
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
+                "inner-accuracy": cmd_inner_accuracy}
     try:
         return handlers[args.command](args)
     except (UsageError, CheckpointError, ValueError, FileNotFoundError) as err:
