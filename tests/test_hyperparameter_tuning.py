@@ -7,6 +7,7 @@ differences; each application must improve its outer objective by a clear, asser
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -327,3 +328,209 @@ def test_regularization_hypergradient_on_cuda():
     )
     assert grad.device.type == "cuda" and _rel(grad, reference) < 1e-6
     assert np.isfinite(grad.cpu().numpy()).all()
+
+
+# ----------------------------------------------------------------------------- 1b. guards against overfitting the validation split
+
+
+def _feature_subset(split, columns: int):
+    """The same split with only the first ``columns`` features (a tiny problem for finite differences)."""
+    return dataclasses.replace(
+        split, x_train=split.x_train[:, :columns], x_val=split.x_val[:, :columns], x_test=split.x_test[:, :columns],
+        feature_mean=split.feature_mean[:columns], feature_scale=split.feature_scale[:columns], image_shape=None,
+    )
+
+
+def test_regularization_records_test_loss_per_step():
+    split = load_split("digits", max_samples=300, seed=0)
+    config = regularization.RegularizationConfig(init_penalty=1e-1, outer_steps=3, outer_lr=0.3, unrolled_steps=10)
+    for method in ("implicit", "unrolled"):
+        result = regularization.tune_penalties(split, config, method)
+        assert len(result.test_losses) == len(result.test_accuracies) == len(result.validation_losses) == 4
+        assert result.steps_run == 3 and result.selected_step == 3 and result.stopping_losses == []
+        assert all(0.0 <= a <= 1.0 for a in result.test_accuracies)
+        # the last entry is the kept (final) model, evaluated on the test split
+        assert result.test_losses[-1] == pytest.approx(float(cross_entropy(result.params, split.x_test, split.y_test)), rel=1e-12)
+        assert result.validation_losses[-1] == pytest.approx(float(cross_entropy(result.params, split.x_val, split.y_val)), rel=1e-12)
+    assert len(set(result.test_losses)) == 4  # the test loss moves with the penalties
+
+
+def test_early_stopping_keeps_argmin_of_disjoint_stopping_part():
+    split = load_split("digits", max_samples=300, seed=0)
+    config = regularization.RegularizationConfig(
+        init_penalty=1e-1, outer_steps=8, outer_lr=0.5, early_stopping=True, inner_max_iter=300
+    )
+    result = regularization.tune_penalties(split, config)
+    hyper, stop = set(result.hypergradient_index.tolist()), set(result.stopping_index.tolist())
+    assert not hyper & stop and hyper | stop == set(split.val_index.tolist())
+    assert abs(len(hyper) - len(stop)) <= 1 + split.n_classes  # about half / half (stratified)
+    assert len(result.stopping_losses) == len(result.validation_losses) == 9
+    assert result.selected_step == int(np.argmin(result.stopping_losses))
+    assert 0 < result.selected_step < 8  # the hypergradient part is overfitted within 8 steps
+    rows = np.flatnonzero(np.isin(split.val_index, result.stopping_index))
+    x_stop, y_stop = split.x_val[torch.as_tensor(rows)], split.y_val[torch.as_tensor(rows)]
+    assert float(cross_entropy(result.params, x_stop, y_stop)) == pytest.approx(min(result.stopping_losses), rel=1e-12)
+    assert float(cross_entropy(result.params, split.x_test, split.y_test)) == pytest.approx(
+        result.test_losses[result.selected_step], rel=1e-12
+    )
+    # the hypergradient saw only its own part: its loss curve is on those rows
+    rows = np.flatnonzero(np.isin(split.val_index, result.hypergradient_index))
+    assert result.validation_losses[result.selected_step] == pytest.approx(
+        float(cross_entropy(result.params, split.x_val[torch.as_tensor(rows)], split.y_val[torch.as_tensor(rows)])), rel=1e-12
+    )
+    # the same seed gives the same cut; patience ends the loop once the stopping loss stalls
+    patient = regularization.tune_penalties(split, dataclasses.replace(config, patience=1))
+    assert patient.stopping_index.tolist() == result.stopping_index.tolist()
+    assert patient.steps_run < 8 and patient.steps_run - 1 - int(np.argmin(patient.stopping_losses[:-1])) == 1
+    assert patient.stopping_losses[: patient.steps_run] == pytest.approx(result.stopping_losses[: patient.steps_run], rel=1e-9)
+
+
+def test_feature_groups_of_digits_and_breast_cancer():
+    blocks = regularization.feature_groups("blocks:2", 64, (8, 8))
+    assert torch.bincount(blocks).tolist() == [4] * 16
+    assert blocks.reshape(8, 8)[:2, :2].unique().tolist() == [0] and int(blocks.reshape(8, 8)[7, 7]) == 15
+    rings = regularization.feature_groups("rings", 64, (8, 8)).reshape(8, 8)
+    assert int(rings.max()) == 4 and int(rings[3, 3]) == 0 and int(rings[0, 0]) == 4
+    assert torch.equal(rings, rings.flip(0)) and torch.equal(rings, rings.T)  # symmetric around the centre
+    assert regularization.feature_groups("modulo:10", 30)[[3, 13, 23]].tolist() == [3, 3, 3]
+    assert regularization.feature_groups(None, 5).tolist() == list(range(5))
+    assert regularization.feature_groups([1, 0, 1], 3).tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "spec, shape, match",
+    [
+        ("pixels", (8, 8), "unknown group spec"),
+        ("blocks:3", (8, 8), "does not divide"),
+        ("blocks:two", (8, 8), "needs an integer"),
+        ("blocks:0", (8, 8), "must be positive"),
+        ("rings:2", (8, 8), "takes no argument"),
+        ("blocks:2", None, "needs image data"),
+        ("modulo:100", None, "exceeds"),
+        ([0, 1], (8, 8), "64 features"),
+        ([0.0] * 64, (8, 8), "integers"),
+        ([0] * 32 + [2] * 32, (8, 8), "every index"),
+        ([-1] * 64, (8, 8), "non-negative"),
+    ],
+)
+def test_feature_groups_rejects_bad_specs(spec, shape, match):
+    with pytest.raises(ValueError, match=match):
+        regularization.feature_groups(spec, 64, shape)
+
+
+def test_regularization_config_rejects_bad_guards():
+    with pytest.raises(ValueError, match="unknown group spec"):
+        regularization.RegularizationConfig(groups="pixels")
+    with pytest.raises(ValueError, match="stopping_fraction"):
+        regularization.RegularizationConfig(early_stopping=True, stopping_fraction=1.0)
+    with pytest.raises(ValueError, match="patience"):
+        regularization.RegularizationConfig(early_stopping=True, patience=0)
+    split = load_split("breast_cancer", max_samples=100)
+    with pytest.raises(ValueError, match="needs image data"):
+        regularization.tune_penalties(split, regularization.RegularizationConfig(dataset="breast_cancer", groups="rings"))
+
+
+def test_grouped_hypergradient_is_sum_of_per_feature_hypergradients():
+    split = load_split("digits", max_samples=300, seed=2)
+    config = regularization.RegularizationConfig(cg_tol=1e-11, cg_maxiter=3000, cg_on_failure="raise")
+    groups = regularization.feature_groups("blocks:2", 64, (8, 8))
+    group_penalty = -3.0 + torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=DT)
+    init = init_params(64, 10)
+    fit = regularization.make_implicit_fit(config)
+    loss, grouped, _ = regularization.hypergradient(fit, group_penalty, init, split, groups=groups)
+    per_loss, per_feature, _ = regularization.hypergradient(fit, group_penalty[groups], init, split)
+    assert float(loss) == pytest.approx(float(per_loss), rel=1e-12)
+    assert grouped.shape == (16,)
+    assert _rel(grouped, torch.zeros(16, dtype=DT).index_add_(0, groups, per_feature)) < 1e-9
+
+
+def test_grouped_hypergradient_matches_finite_differences():
+    split = _feature_subset(load_split("breast_cancer", max_samples=90, seed=1), 6)
+    config = regularization.RegularizationConfig(
+        dataset="breast_cancer", inner_grad_tol=1e-12, cg_tol=1e-12, cg_maxiter=500, cg_on_failure="raise"
+    )
+    groups = regularization.feature_groups([0, 0, 1, 2, 1, 2], 6)
+    group_penalty = torch.tensor([-1.0, -2.5, 0.5], dtype=DT)
+    _, grad, _ = regularization.hypergradient(regularization.make_implicit_fit(config), group_penalty, init_params(6, 2), split, groups=groups)
+
+    def outer(gp: torch.Tensor) -> float:
+        lp = regularization.expand_penalty(gp, groups)
+        solution = minimize_lbfgs(
+            lambda p: regularization.inner_objective(p, lp, split.x_train, split.y_train), init_params(6, 2), grad_tol=1e-12
+        ).solution
+        # L-BFGS's line search stalls near a 1e-9 gradient; Newton steps make the solve exact for the differences
+        flat = torch.cat([solution["weight"].reshape(-1), solution["bias"]])
+
+        def objective(v: torch.Tensor) -> torch.Tensor:
+            params = {"weight": v[:6].reshape(6, 1), "bias": v[6:]}
+            return regularization.inner_objective(params, lp, split.x_train, split.y_train)
+
+        for _ in range(3):
+            flat = flat - torch.linalg.solve(torch.func.hessian(objective)(flat), torch.func.grad(objective)(flat))
+        params = {"weight": flat[:6].reshape(6, 1), "bias": flat[6:]}
+        return float(regularization.validation_loss(params, split.x_val, split.y_val))
+
+    eps = 1e-5
+    fd = torch.tensor([(outer(group_penalty + eps * e) - outer(group_penalty - eps * e)) / (2 * eps) for e in torch.eye(3, dtype=DT)], dtype=DT)
+    assert _rel(grad, fd) < 1e-6
+
+
+def test_grouped_early_stopped_tuning_and_start_error():
+    split = load_split("digits", max_samples=300, seed=0)
+    config = regularization.RegularizationConfig(
+        init_penalty=1e-1, outer_steps=4, outer_lr=0.3, groups="rings", early_stopping=True, cg_tol=1e-10, unrolled_steps=10
+    )
+    result = regularization.tune_penalties(split, config)
+    assert result.group_log_penalty.shape == (5,)
+    assert torch.equal(result.log_penalty, result.group_log_penalty[torch.as_tensor(result.groups)])
+    assert result.validation_losses[-1] < result.validation_losses[0]
+    errors = regularization._start_hypergradient_errors(split, config)
+    assert errors["implicit"] < 1e-8 and errors["unrolled"] > 1e-3
+
+
+def test_regularization_run_with_guards_writes_guard_table(tmp_path):
+    config = regularization.RegularizationConfig(
+        dataset="breast_cancer", max_samples=240, init_penalty=1e-1, outer_steps=3, outer_lr=0.3, unrolled_steps=10,
+        sklearn_cs=[1e-2, 1e-1, 1.0, 10.0],
+    )
+    variants = [regularization.GuardVariant(None, True), regularization.GuardVariant("modulo:10", True)]
+    results = regularization.run(config, tmp_path, guards=variants)
+    assert len(results["test_losses"]["implicit"]) == 4 and len(results["test_losses"]["unrolled"]) == 4
+    rows = results["guards"]["table"]
+    assert [row["penalties"] for row in rows] == [1, 30, 30, 10] and rows[1]["method"].endswith("no guard")
+    assert rows[2]["method"] == "per-feature (30 penalties) + early stopping" and rows[3]["method"].startswith("by measurement")
+    for row in rows[1:]:
+        assert 0.0 < row["test_loss"] < 1.0 and 0 <= row["kept step"] <= 3
+    runs = results["guards"]["runs"]
+    assert len(runs["by measurement (10 penalties) + early stopping"]["learned_group_log10_penalty"]) == 10
+    assert "kept step" in (tmp_path / "breast_cancer_guards_table.md").read_text()
+    for name in ("breast_cancer_guards.png", "breast_cancer_guards_penalties.png", "breast_cancer_validation_loss.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_cli_passes_regularization_guards(tmp_path):
+    argv = [
+        "regularization", "--datasets", "breast_cancer", "--max-samples", "150", "--outer-steps", "2", "--quick",
+        "--early-stopping", "--groups", "consecutive:10", "--patience", "5", "--out", str(tmp_path), "--no-progress",
+    ]
+    assert cli_main(argv) == 0
+    saved = json.loads((tmp_path / "breast_cancer_results.json").read_text())
+    assert saved["config"]["groups"] == "consecutive:10" and saved["config"]["early_stopping"] is True
+    assert saved["config"]["outer_steps"] == 2 and saved["config"]["patience"] == 5
+    assert len(saved["learned_log10_penalty"]["implicit"]) == 30 and len(set(saved["learned_log10_penalty"]["implicit"])) <= 3
+    assert "kept step" in (tmp_path / "breast_cancer_table.md").read_text()
+
+
+def test_noise_features_are_seeded_and_appended_to_every_split():
+    split = load_split("digits", max_samples=200, seed=0)
+    noisy = regularization.add_noise_features(split, 5, seed=0)
+    assert noisy.name == "digits_noise5" and noisy.image_shape is None and noisy.n_features == 69
+    for a, b in ((split.x_train, noisy.x_train), (split.x_val, noisy.x_val), (split.x_test, noisy.x_test)):
+        assert torch.equal(b[:, :64], a) and b.shape == (a.shape[0], 69)
+    assert torch.equal(regularization.add_noise_features(split, 5, seed=0).x_test, noisy.x_test)
+    assert not torch.equal(regularization.add_noise_features(split, 5, seed=1).x_test, noisy.x_test)
+    assert regularization.add_noise_features(split, 0, seed=0) is split
+    with pytest.raises(ValueError, match="needs image data"):
+        regularization.feature_groups("blocks:2", noisy.n_features, noisy.image_shape)
+    with pytest.raises(ValueError, match="noise_features"):
+        regularization.RegularizationConfig(noise_features=-1)

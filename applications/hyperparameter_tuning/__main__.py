@@ -23,14 +23,25 @@ def _regularization(args: argparse.Namespace, out: Path) -> list[Path]:
     written = []
     for dataset in args.datasets:
         config = regularization.RegularizationConfig(dataset=dataset, seed=args.seed, device=args.device,
-                                                     max_samples=args.max_samples)
+                                                     max_samples=args.max_samples,
+                                                     early_stopping=args.early_stopping,
+                                                     stopping_fraction=args.stopping_fraction,
+                                                     patience=args.patience, groups=args.groups,
+                                                     noise_features=args.noise_features)
         if args.quick:
             config.outer_steps, config.unrolled_steps = 15, 30
             config.sklearn_cs = [10.0**e for e in range(-4, 5)]
-        regularization.run(config, out, progress=not args.no_progress)
-        table = out / f"{dataset}_table.md"
-        print(f"\n{dataset}:\n{table.read_text()}")
+        if args.outer_steps is not None:
+            config.outer_steps = args.outer_steps
+        regularization.run(config, out, progress=not args.no_progress, guards=args.guards)
+        prefix = f"{dataset}_noise{args.noise_features}" if args.noise_features else dataset
+        table = out / f"{prefix}_table.md"
+        print(f"\n{prefix}:\n{table.read_text()}")
         written.append(table)
+        if args.guards:
+            guards_table = out / f"{prefix}_guards_table.md"
+            print(f"\n{prefix}, guarded runs:\n{guards_table.read_text()}")
+            written.append(guards_table)
     return written
 
 
@@ -79,6 +90,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["digits", "breast_cancer"],
         help="datasets of the regularization application",
     )
+    regularization_group = parser.add_argument_group("regularization: guards against overfitting the validation split")
+    regularization_group.add_argument(
+        "--early-stopping", action="store_true",
+        help="hold out part of the validation split; keep the outer step with the lowest held-out loss",
+    )
+    regularization_group.add_argument("--stopping-fraction", type=float, default=0.5,
+                                      help="fraction of the validation split held out for early stopping")
+    regularization_group.add_argument("--patience", type=int, default=None,
+                                      help="with --early-stopping: stop after this many steps without improvement")
+    regularization_group.add_argument(
+        "--groups", default=None,
+        help="tie penalties by group: feature, blocks:K, rings, modulo:K, consecutive:K (default: per feature)",
+    )
+    regularization_group.add_argument(
+        "--guards", action="store_true",
+        help="also run per-feature + early stopping and grouped + early stopping; write <dataset>_guards_*",
+    )
+    regularization_group.add_argument("--noise-features", type=int, default=0,
+                                      help="append this many pure-noise features (synthetic irrelevant features)")
+    regularization_group.add_argument("--outer-steps", type=int, default=None,
+                                      help="outer (Adam) steps of hypergradient runs (default 100, 15 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--max-samples", type=int, default=None, help="subsample the dataset (quick checks)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
