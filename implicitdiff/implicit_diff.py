@@ -1161,7 +1161,13 @@ def _linearize(
         def transpose_products(v: torch.Tensor) -> torch.Tensor:
             return rav.ravel(tree_unflatten(call.sol_spec, list(vjp_x(v))))
 
-    _, vjp_args = torch.func.vjp(call.residual_in(sol, args, wanted), *[args[i] for i in wanted])  # type: ignore[misc]  # typed as a 2- or 3-tuple
+    def vjp_args(u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # linearized in the arguments only when B^T u is asked for (after the solve): built with the
+        # linearization in x, it would be held through the solve with its residual (one solution-sized
+        # vector per problem, the whole batch's under vmap) and evaluate F on top of that linearization
+        _, vjp = torch.func.vjp(call.residual_in(sol, args, wanted), *[args[i] for i in wanted])  # type: ignore[misc]  # typed as a 2- or 3-tuple
+        return tuple(vjp(u))
+
     return transpose_products, vjp_args
 
 
