@@ -21,6 +21,7 @@ back to the eager path and its solver, which diagnoses it properly.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -103,9 +104,12 @@ def _build(
     n = raveler.size
     tol, maxiter, fixed_budget = _tolerances(fn, n)
 
+    shapes = [tuple(int(d) for d in s) for s in raveler.shapes]  # plain ints: while_loop refuses torch.Size inputs
+    numels = [int(k) for k in raveler.numels]
+
     def unravel(x: torch.Tensor) -> Any:
-        parts = [x] if raveler.single else list(torch.split(x, raveler.numels))
-        return rebuild_sol([p.reshape(s).to(d) for p, s, d in zip(parts, raveler.shapes, raveler.dtypes)])
+        parts = [x] if raveler.single else list(torch.split(x, numels))
+        return rebuild_sol([p.reshape(s).to(d) for p, s, d in zip(parts, shapes, raveler.dtypes)])
 
     def residual(x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         leaves = list(statics)
@@ -163,7 +167,7 @@ def _build(
     backward.fixed_budget = fixed_budget  # type: ignore[attr-defined]
     backward.tol = tol  # type: ignore[attr-defined]
     backward.maxiter = maxiter  # type: ignore[attr-defined]
-    compiled = torch.compile(backward)
+    compiled = torch.compile(backward, dynamic=False)  # one static-shape program per call structure
     compiled.tol, compiled.maxiter, compiled.fixed_budget = tol, maxiter, fixed_budget  # type: ignore[attr-defined]
     return compiled
 
@@ -195,7 +199,17 @@ def compiled_backward(
         return None
     x = call.raveler.ravel(tree_unflatten(call.sol_spec, [s.detach() for s in sol]))
     tensors = [a.detach() for a in args if isinstance(a, torch.Tensor)]
-    grads, res_t, extra = compiled(x, g.detach(), *tensors)
+    try:
+        grads, res_t, extra = compiled(x, g.detach(), *tensors)
+    except Exception as err:  # any compiler failure: the eager path is always correct
+        cache[key] = None
+        warnings.warn(
+            f"{fn.name}: compile_backward: torch.compile could not compile the {path} backward "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); this call structure uses the eager path",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
     res = float(res_t)
     gnorm = float(torch.linalg.vector_norm(g))
     rel = res / gnorm if gnorm > 0 else 0.0
