@@ -100,3 +100,20 @@ def test_dict_solutions_compile_too() -> None:
 def test_refused_with_minibatch_or_distributed() -> None:
     with pytest.raises(ValueError, match="compile_backward"):
         idiff.implicit_diff(objective=logistic, compile_backward=True, distributed=idiff.DataParallel())
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("simulated compiler failure")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fit = idiff.implicit_diff(objective=logistic, compile_backward=True)(newton)
+    with pytest.warns(RuntimeWarning, match="simulated compiler failure"):
+        h = hypergradient(fit, LAM)
+    torch.testing.assert_close(h, hypergradient(REFERENCE, LAM), rtol=1e-8, atol=1e-10)
+    assert fit.last_backward.solver == "Auto"
+    h2 = hypergradient(fit, LAM)  # the failing structure is remembered: no second attempt, no warning
+    torch.testing.assert_close(h2, h)
