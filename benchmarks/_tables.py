@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["markdown_to_rst"]
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown_to_rst", "write_results"]
 
 #: An empty cell: a bare "-" or "--" in a list-table cell would be read as a bullet list.
 EMPTY = "—"
@@ -42,3 +46,11 @@ def markdown_to_rst(markdown: str) -> str:
         out.append(f"   * - {row[0]}")
         out.extend(f"     - {c}" for c in row[1:])
     return "\n".join(out) + "\n\n"
+
+
+def write_results(out_dir: Path, stem: str, result: dict[str, Any], table: str) -> None:
+    """Write ``<stem>.json`` (the results), ``<stem>.md`` (the table) and ``<stem>.rst`` (the docs' include)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(table)
+    (out_dir / f"{stem}.rst").write_text(markdown_to_rst(table))

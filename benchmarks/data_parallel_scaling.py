@@ -158,17 +158,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     for p in args.procs:
         results.append(launch(p, rows, args.features, repeats, args.device))
         print(f"  {p} process(es): backward {1e3 * results[-1]['backward_seconds']:.1f} ms", flush=True)
-    from ._tables import markdown_to_rst
+    from ._tables import write_results
     from ._timing import machine_info
 
     result = {"d": args.features, "rows_per_process": rows, "repeats": repeats, "device": args.device, "rows": results,
               "machine": machine_info(args.device)}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "data_parallel_scaling" + ("" if args.device == "cpu" else f"_{args.device}") + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = to_markdown(result)
-    (args.out / f"{stem}.md").write_text(table)
-    (args.out / f"{stem}.rst").write_text(markdown_to_rst(table))
+    write_results(args.out, stem, result, table)
     print(table)
     return result
 

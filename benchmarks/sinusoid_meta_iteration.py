@@ -29,7 +29,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 
 import implicitdiff as idiff  # noqa: E402
 
-from ._tables import markdown_to_rst  # noqa: E402
+from ._tables import write_results  # noqa: E402
 from ._timing import machine_info  # noqa: E402
 
 try:
@@ -223,10 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sinusoid_meta_iteration.json").write_text(json.dumps(out, indent=2) + "\n")
-        (args.out / "sinusoid_meta_iteration.md").write_text(table)
-        (args.out / "sinusoid_meta_iteration.rst").write_text(markdown_to_rst(table))
+        write_results(args.out, "sinusoid_meta_iteration", out, table)
     return out
 
 

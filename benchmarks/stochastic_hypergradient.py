@@ -25,7 +25,6 @@ Writes ``stochastic_hypergradient.json`` / ``.md`` / ``.png`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -36,7 +35,7 @@ import torch
 
 import implicitdiff as idiff
 
-from ._tables import markdown_to_rst
+from ._tables import write_results
 from ._timing import machine_info
 
 DT = torch.float64
@@ -213,12 +212,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         result = run(args.n, args.d, [32, 128, 512, 2048, 8192, 32768], args.repeats, args.neumann_terms, args.seed)
     result["machine"] = machine_info("cpu")
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "stochastic_hypergradient" + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = to_markdown(result)
-    (args.out / f"{stem}.md").write_text(table)
-    (args.out / f"{stem}.rst").write_text(markdown_to_rst(table))
+    write_results(args.out, stem, result, table)
     plot(result, args.out / f"{stem}.png")
     print(table)
     return result

@@ -18,7 +18,6 @@ Writes ``truncated_vs_implicit.json`` / ``.md`` / ``.png`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 
 import implicitdiff as idiff
 
-from ._tables import markdown_to_rst
+from ._tables import write_results
 from ._timing import graph_saved_bytes, machine_info, time_call
 from .ridge_hypergradient import inner_objective, make_problem, outer_loss
 
@@ -130,12 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ks = [1, 10, 100] if args.quick else [1, 10, 30, 100, 300, 1000, 3000]
     result = run(d, 200 if args.quick else args.n, ks, 1 if args.quick else 3, args.seed)
     result["machine"] = machine_info("cpu")
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "truncated_vs_implicit" + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = to_markdown(result)
-    (args.out / f"{stem}.md").write_text(table)
-    (args.out / f"{stem}.rst").write_text(markdown_to_rst(table))
+    write_results(args.out, stem, result, table)
     plot(result, args.out / f"{stem}.png")
     print(table)
     return result

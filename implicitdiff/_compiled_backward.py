@@ -164,9 +164,6 @@ def _build(
         _, vjp = torch.func.vjp(of, *[tensors[j] for j in moving_idx])  # type: ignore[misc]  # a 2- or 3-tuple
         return tuple(-t for t in vjp(u)), res, extra
 
-    backward.fixed_budget = fixed_budget  # type: ignore[attr-defined]
-    backward.tol = tol  # type: ignore[attr-defined]
-    backward.maxiter = maxiter  # type: ignore[attr-defined]
     compiled = torch.compile(backward, dynamic=False)  # one static-shape program per call structure
     compiled.tol, compiled.maxiter, compiled.fixed_budget = tol, maxiter, fixed_budget  # type: ignore[attr-defined]
     return compiled

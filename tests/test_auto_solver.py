@@ -155,3 +155,18 @@ def test_bad_options_are_refused() -> None:
         idiff.Auto(max_size=-1)
     with pytest.raises(TypeError, match="iterative"):
         idiff.Auto(iterative=idiff.CG)  # type: ignore[arg-type]
+
+
+def test_a_given_iterative_solver_keeps_its_own_options() -> None:
+    """Its tolerance, budget and policy are the ones used, not Auto's defaults (silently 1e-6 before)."""
+    A = spd(40, seed=3) + torch.diag(torch.logspace(0, 3, 40, dtype=DT))
+    b = torch.ones(40, dtype=DT)
+    tight = idiff.Auto(max_size=0, iterative=idiff.CG(tol=1e-12))
+    sol = idiff.linear_solve(lambda v: A @ v, b, solver=tight)
+    assert sol.info.relative_residual <= 1e-12
+    budget = idiff.Auto(max_size=0, iterative=idiff.CG(tol=None, maxiter=3))
+    sol = idiff.linear_solve(lambda v: A @ v, b, solver=budget)
+    assert sol.info.status == idiff.SolveStatus.BUDGET_USED and sol.info.iterations == 3
+    strict = idiff.Auto(max_size=0, iterative=idiff.CG(tol=1e-12, maxiter=2, on_failure="raise"))
+    with pytest.raises(idiff.LinearSolveError):
+        idiff.linear_solve(lambda v: A @ v, b, solver=strict)

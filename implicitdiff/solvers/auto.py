@@ -73,7 +73,9 @@ class Auto(LinearSolver):
     max_bytes : int
         Largest memory for the matrix and its factor (default 64 MiB).
     iterative : LinearSolver, optional
-        The solver for larger systems and for factorization failures.
+        The solver for larger systems and for factorization failures. When given, its
+        ``tol``, ``atol``, ``maxiter``, ``damping``, ``preconditioner`` and ``on_failure``
+        are the ones used (the options of the same names passed to ``Auto`` are ignored).
     symmetric : bool, optional
         Whether the operator is symmetric, for the choice of the default ``iterative``
         solver (``implicit_diff`` fills it in from the condition when left as None).
@@ -115,6 +117,12 @@ class Auto(LinearSolver):
             raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
         if iterative is not None and not isinstance(iterative, LinearSolver):
             raise TypeError(f"iterative must be a LinearSolver instance, got {type(iterative).__name__}")
+        if iterative is not None:
+            # the caller's solve reads these from the solver it is given (Auto): take the iterative
+            # solver's own, or its tolerance, budget, damping, preconditioner and policy would be ignored
+            self.tol, self.atol, self.maxiter = iterative.tol, iterative.atol, iterative.maxiter
+            self.damping, self.preconditioner = iterative.damping, iterative.preconditioner
+            self.on_failure = iterative.on_failure
         self.max_size = max_size
         self.max_bytes = max_bytes
         self.symmetric = symmetric
