@@ -22,3 +22,36 @@ def test_stochastic_benchmark_quick(tmp_path: Path) -> None:
     neumann = [r for r in result["rows"] if r["estimator"].startswith("Neumann")]
     assert neumann[-1]["relative_spread"] < neumann[0]["relative_spread"]  # larger batches, less noise
     assert "list-table" in (tmp_path / "stochastic_hypergradient_quick.rst").read_text()
+
+
+def test_meta_learning_splits_table_from_compare_outputs(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks import meta_learning_splits
+
+    def run(name: str, rows: list[tuple[str, float]], unsolved: list[float] | None = None) -> None:
+        folder = tmp_path / "runs" / name
+        (folder / "imaml").mkdir(parents=True)
+        results = [{"method": m, "mean": acc, "ci95": 0.004, "train_seconds": 100.0, "n_episodes": 600}
+                   for m, acc in rows]
+        (folder / "comparison.json").write_text(json.dumps({"config": {"meta_batch": 8}, "results": results}))
+        if unsolved is not None:
+            history = [{"inner_unsolved": u} for u in unsolved]
+            (folder / "imaml" / "metrics.json").write_text(json.dumps({"history": history}))
+
+    run("w5s0", [("imaml-gd", 0.97), ("fomaml", 0.96), ("baseline (prototype)", 0.94)], unsolved=[2, 2, 0, 0])
+    run("w5s0acc", [("imaml-gd", 0.975)], unsolved=[0, 0, 0, 1])
+    run("w5s1", [("imaml-gd", 0.98)], unsolved=[8, 0])
+    result = meta_learning_splits.main(["--runs", str(tmp_path / "runs"), "--ways", "5", "20",
+                                        "--out", str(tmp_path / "out")])
+    by = {(r["row"].split(" (")[0], r["seed"], "solved" in r["row"]): r for r in result["records"]}
+    assert by[("iMAML", 0, False)]["unsolved_fraction"] == 4 / 32  # 4 of 4 x 8 inner problems
+    assert by[("iMAML", 0, True)]["unsolved_fraction"] == 1 / 32 and by[("iMAML", 1, False)]["accuracy"] == 0.98
+    assert by[("supervised baseline", 0, False)]["unsolved_fraction"] is None
+    md = (tmp_path / "out" / "meta_learning_splits.md").read_text()
+    assert "| iMAML (recipe: 5 GD steps of 0.5) | 97.00% +- 0.40% | 100 s | 12% | 98.00% +- 0.40% | 100 s | 50% |" in md
+    assert "| first-order MAML (recipe's 5 steps) | 96.00% +- 0.40% | 100 s | - | - | - | - |" in md
+    assert "20-way" not in md  # no 20-way runs: no table
+    for suffix in ("json", "rst", "png"):
+        assert (tmp_path / "out" / f"meta_learning_splits.{suffix}").stat().st_size > 0
+    assert (tmp_path / "out" / "meta_learning_splits_5way.rst").exists()

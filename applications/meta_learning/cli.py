@@ -1,4 +1,4 @@
-"""Command line: ``python -m applications.meta_learning {train,evaluate,compare} ...``.
+"""Command line: ``python -m applications.meta_learning {train,evaluate,compare,tune,inner-accuracy} ...``.
 
 Examples
 --------
@@ -14,6 +14,10 @@ Evaluate a checkpoint on 600 held-out episodes, compare methods on the same epis
 
     python -m applications.meta_learning evaluate --checkpoint runs/quick/checkpoint.pt
     python -m applications.meta_learning compare --preset quick --methods imaml,maml,fomaml,baseline --output runs/cmp
+
+Every method tuned on the same grid budget (validation tasks), each best scored once on test tasks::
+
+    python -m applications.meta_learning tune --preset sinusoid --iterations 200 --output runs/tune
 
 A final model on every character, scored on the 20 one-shot runs of Lake et al. (2015)::
 
@@ -56,6 +60,7 @@ from .trainer import (
     TrainConfig,
     build_task_splits,
 )
+from .tuning import METHOD_SETTINGS, SINUSOID_GRIDS, format_tuning_table, parse_grid, tune
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -161,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--maml-inner-steps", type=int,
                       help="inner steps for maml/fomaml (default: sinusoid 5; Omniglot --inner-steps)")
     cmp_.add_argument("--baseline-epochs", type=int, default=None, help="pre-training epochs of the baseline")
+
+    tune_ = sub.add_parser("tune", help="tune every method on the same grid budget (validation tasks), then test "
+                                        "each method's best once")
+    _add_config_arguments(tune_)
+    _add_run_arguments(tune_, output_default="runs/tune")
+    tune_.add_argument("--methods", default=",".join(SINUSOID_GRIDS),
+                       help=f"comma-separated subset of {sorted(METHOD_SETTINGS)} (default grids: sinusoid's)")
+    tune_.add_argument("--grid", action="append", default=[], metavar="METHOD:KEY=V1,V2[;KEY=...]",
+                       help="a method's grid (repeatable; replaces its default grid)")
+    tune_.add_argument("--validation-episodes", type=int, default=200, help="validation episodes per grid point")
     add_inner_accuracy_parser(sub)
     return parser
 
@@ -434,6 +449,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    config = _omniglot_or_fallback(config_from_args(args), args)
+    given = dict(parse_grid(text) for text in args.grid)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods += [m for m in given if m not in methods]
+    grids = {}
+    for method in methods:
+        if method in given:
+            grids[method] = given[method]
+        elif method in SINUSOID_GRIDS and config.task == "sinusoid":
+            grids[method] = SINUSOID_GRIDS[method]
+        elif method in METHOD_SETTINGS:
+            raise UsageError(f"no default grid for {method} on {config.task}: pass --grid {method}:KEY=V1,V2")
+        else:
+            raise UsageError(f"unknown method {method!r}; choose from {sorted(METHOD_SETTINGS)}")
+    try:
+        rows = tune(config, grids, args.output, validation_episodes=args.validation_episodes, device=args.device,
+                    progress=not args.no_progress)
+    except NonFiniteMetaLossError as err:  # pragma: no cover - tune records failed grid points itself
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(format_tuning_table(rows, config, args.validation_episodes))
+    print(f"outputs in {args.output}/: tuning.md, tuning.json, one folder per run")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input exits with code 2 and a one-line message (no traceback).
 
@@ -446,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return EXIT_USAGE
         torch.set_num_threads(args.threads)
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "tune": cmd_tune,
                 "inner-accuracy": cmd_inner_accuracy}
     try:
         return handlers[args.command](args)
