@@ -30,9 +30,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from applications.meta_learning.stats import mean_confidence_interval
+
 from ._tables import markdown_to_rst, write_results
 from ._timing import machine_info
 
+#: The row every other is compared with, episode by episode.
+REFERENCE = "iMAML (recipe: 5 GD steps of 0.5)"
 #: (folder suffix, method in that run's comparison.json, row label)
 ROWS = (
     ("", "imaml-gd", "iMAML (recipe: 5 GD steps of 0.5)"),
@@ -53,6 +57,35 @@ def _unsolved_fraction(run_dir: Path, method_folder: str) -> float | None:
     return sum(h["inner_unsolved"] for h in history) / tasks if tasks else None
 
 
+def _per_episode(run_dir: Path, method: str, row: dict[str, Any]) -> list[float] | None:
+    """Per-episode metrics: from the row (``compare`` keeps them), else from ``<method>/evaluation.json``.
+
+    The latter is what ``evaluate --checkpoint RUN/METHOD --output RUN/METHOD`` writes for runs
+    made before ``compare`` kept them (the same episodes: they depend on the seed only).
+    """
+    if row.get("per_episode"):
+        return row["per_episode"]
+    folder = "imaml" if method.startswith("imaml") else method
+    path = run_dir / folder / "evaluation.json"
+    if path.exists():
+        values = json.loads(path.read_text()).get("per_episode")
+        if values and len(values) == row["n_episodes"]:
+            return values
+    return None
+
+
+def add_paired_differences(records: list[dict[str, Any]]) -> None:
+    """``paired_difference`` / ``paired_ci95``: each row minus :data:`REFERENCE`, episode by episode."""
+    for r in records:
+        ref = next((q for q in records if q["row"] == REFERENCE and q["ways"] == r["ways"]
+                    and q["seed"] == r["seed"]), None)
+        r["paired_difference"] = r["paired_ci95"] = None
+        if ref is None or r is ref or r["per_episode"] is None or ref["per_episode"] is None:
+            continue
+        diff = [a - b for a, b in zip(r["per_episode"], ref["per_episode"])]
+        r["paired_difference"], r["paired_ci95"] = mean_confidence_interval(diff)
+
+
 def collect(runs: Path, ways: int, seeds: list[int]) -> list[dict[str, Any]]:
     """One record per (row, seed) found under ``runs`` (missing runs are skipped)."""
     records = []
@@ -71,16 +104,21 @@ def collect(runs: Path, ways: int, seeds: list[int]) -> list[dict[str, Any]]:
                             "n_episodes": r["n_episodes"],
                             "unsolved_fraction": (_unsolved_fraction(run_dir, "imaml")
                                                   if method.startswith("imaml") else None),
+                            "per_episode": _per_episode(run_dir, method, r),
                             "settings": r.get("settings"), "source": str(path)})
+    add_paired_differences(records)
     return records
 
 
 def table(records: list[dict[str, Any]], ways: int, seeds: list[int]) -> str:
     header = ["method"]
     for seed in seeds:
-        header += [f"split {seed}: accuracy", f"split {seed}: time", f"split {seed}: inner above tol"]
+        header += [f"split {seed}: accuracy", f"split {seed}: minus iMAML recipe", f"split {seed}: time",
+                   f"split {seed}: inner above tol"]
     lines = [f"Omniglot {ways}-way 1-shot: 600 held-out episodes per split (the same for every method of a "
-             "split), training wall time (1 thread), fraction of inner problems above tolerance 0.1.", "",
+             "split), the accuracy difference to the iMAML recipe on the same episodes (paired, 95% CI), "
+             "training wall time (1 thread), fraction of inner problems above tolerance 0.1 during training.",
+             "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, _, label in ROWS:
         cells = [label]
@@ -90,11 +128,13 @@ def table(records: list[dict[str, Any]], ways: int, seeds: list[int]) -> str:
         for seed in seeds:
             r = mine.get(seed)
             if r is None:
-                cells += ["-", "-", "-"]
+                cells += ["-", "-", "-", "-"]
                 continue
             unsolved = "-" if r["unsolved_fraction"] is None else f"{100 * r['unsolved_fraction']:.0f}%"
-            cells += [f"{100 * r['accuracy']:.2f}% +- {100 * r['ci95']:.2f}%", f"{r['train_seconds']:.0f} s",
-                      unsolved]
+            paired = ("-" if r["paired_difference"] is None else
+                      f"{100 * r['paired_difference']:+.2f} +- {100 * r['paired_ci95']:.2f}")
+            cells += [f"{100 * r['accuracy']:.2f}% +- {100 * r['ci95']:.2f}%", paired,
+                      f"{r['train_seconds']:.0f} s", unsolved]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -387,3 +387,5 @@ def test_compare_trains_the_shared_supervised_start_once(tmp_path, monkeypatch):
     assert len(calls) == 1  # one supervised training for the baseline row and both pre-trained starts
     base_seconds = rows[1]["train_seconds"]
     assert rows[0]["train_seconds"] >= base_seconds and rows[2]["train_seconds"] >= base_seconds
+    for row in rows:  # per-episode accuracies of the same episodes, baseline row included
+        assert len(row["per_episode"]) == 4 and sum(row["per_episode"]) / 4 == pytest.approx(row["mean"])

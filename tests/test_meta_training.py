@@ -337,6 +337,9 @@ def test_cli_compare_sinusoid_gives_maml_its_own_inner_loop(tmp_path, capsys):
     results = json.loads((out / "comparison.json").read_text())["results"]
     assert [r["method"] for r in results] == ["imaml-hf", "maml", "fomaml"]
     assert all(math.isfinite(r["mean"]) for r in results)
+    for r in results:  # every episode's metric is kept, in order: the rows can be compared pairwise
+        assert len(r["per_episode"]) == r["n_episodes"] == 10
+        assert sum(r["per_episode"]) / 10 == pytest.approx(r["mean"], rel=1e-6)
     for method in ("imaml", "maml", "fomaml"):
         history = json.loads((out / method / "metrics.json").read_text())["history"]
         assert len(history) == 3 and all(math.isfinite(h["meta_loss"]) for h in history)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks import stochastic_hypergradient, truncated_vs_implicit
 
 
@@ -32,8 +34,8 @@ def test_meta_learning_splits_table_from_compare_outputs(tmp_path: Path) -> None
     def run(name: str, rows: list[tuple[str, float]], unsolved: list[float] | None = None) -> None:
         folder = tmp_path / "runs" / name
         (folder / "imaml").mkdir(parents=True)
-        results = [{"method": m, "mean": acc, "ci95": 0.004, "train_seconds": 100.0, "n_episodes": 600}
-                   for m, acc in rows]
+        results = [{"method": m, "mean": acc, "ci95": 0.004, "train_seconds": 100.0, "n_episodes": 4,
+                    "per_episode": [acc] * 4} for m, acc in rows]
         (folder / "comparison.json").write_text(json.dumps({"config": {"meta_batch": 8}, "results": results}))
         if unsolved is not None:
             history = [{"inner_unsolved": u} for u in unsolved]
@@ -41,16 +43,27 @@ def test_meta_learning_splits_table_from_compare_outputs(tmp_path: Path) -> None
 
     run("w5s0", [("imaml-gd", 0.97), ("fomaml", 0.96), ("baseline (prototype)", 0.94)], unsolved=[2, 2, 0, 0])
     run("w5s0acc", [("imaml-gd", 0.975)], unsolved=[0, 0, 0, 1])
-    run("w5s1", [("imaml-gd", 0.98)], unsolved=[8, 0])
+    run("w5s1", [("imaml-gd", 0.98), ("fomaml", 0.97)], unsolved=[8, 0])
+    # a run made before compare kept per-episode values: they come from evaluate's evaluation.json
+    results = json.loads((tmp_path / "runs" / "w5s1" / "comparison.json").read_text())
+    del results["results"][1]["per_episode"]
+    (tmp_path / "runs" / "w5s1" / "comparison.json").write_text(json.dumps(results))
+    (tmp_path / "runs" / "w5s1" / "fomaml").mkdir()
+    (tmp_path / "runs" / "w5s1" / "fomaml" / "evaluation.json").write_text(
+        json.dumps({"per_episode": [1.0, 1.0, 0.9, 1.0]}))
     result = meta_learning_splits.main(["--runs", str(tmp_path / "runs"), "--ways", "5", "20",
                                         "--out", str(tmp_path / "out")])
     by = {(r["row"].split(" (")[0], r["seed"], "solved" in r["row"]): r for r in result["records"]}
     assert by[("iMAML", 0, False)]["unsolved_fraction"] == 4 / 32  # 4 of 4 x 8 inner problems
     assert by[("iMAML", 0, True)]["unsolved_fraction"] == 1 / 32 and by[("iMAML", 1, False)]["accuracy"] == 0.98
     assert by[("supervised baseline", 0, False)]["unsolved_fraction"] is None
+    assert by[("iMAML", 0, True)]["paired_difference"] == pytest.approx(0.005)
+    assert by[("first-order MAML", 1, False)]["paired_difference"] == pytest.approx(0.975 - 0.98)
+    assert by[("iMAML", 1, False)]["paired_difference"] is None  # the reference itself
     md = (tmp_path / "out" / "meta_learning_splits.md").read_text()
-    assert "| iMAML (recipe: 5 GD steps of 0.5) | 97.00% +- 0.40% | 100 s | 12% | 98.00% +- 0.40% | 100 s | 50% |" in md
-    assert "| first-order MAML (recipe's 5 steps) | 96.00% +- 0.40% | 100 s | - | - | - | - |" in md
+    assert ("| iMAML (recipe: 5 GD steps of 0.5) | 97.00% +- 0.40% | - | 100 s | 12% | 98.00% +- 0.40% | - | 100 s "
+            "| 50% |") in md
+    assert "| first-order MAML (recipe's 5 steps) | 96.00% +- 0.40% | -1.00 +- 0.00 | 100 s | - | 97.00%" in md
     assert "20-way" not in md  # no 20-way runs: no table
     for suffix in ("json", "rst", "png"):
         assert (tmp_path / "out" / f"meta_learning_splits.{suffix}").stat().st_size > 0

@@ -59,7 +59,8 @@ def compare(
     Returns
     -------
     list of dict
-        One row per method: ``method``, ``metric``, ``mean``, ``ci95``, ``train_seconds``, ``n_episodes``.
+        One row per method: ``method``, ``metric``, ``mean``, ``ci95``, ``train_seconds``, ``n_episodes``,
+        ``per_episode`` (the metric of every test episode, in order: rows can be compared pairwise).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -93,7 +94,7 @@ def compare(
                                        desc="baseline evaluation")
             row = {"method": f"baseline ({bcfg.head})", "metric": "accuracy", "mean": result["accuracy"],
                    "ci95": result["ci95"], "train_seconds": seconds, "n_episodes": result["n_episodes"],
-                   "settings": dataclasses.asdict(bcfg)}
+                   "per_episode": [float(a) for a in result["accuracies"]], "settings": dataclasses.asdict(bcfg)}
         else:
             cfg = dataclasses.replace(config, algorithm=method, **(overrides or {}).get(method, {})).resolved()
             trainer = MetaTrainer(cfg, splits["train"], device=device, output_dir=output_dir / method)
@@ -110,7 +111,7 @@ def compare(
             row = {"method": label, "metric": result.metric, "mean": result.mean, "ci95": result.ci95,
                    "train_seconds": trainer.train_seconds, "n_episodes": result.n_episodes,
                    "final_inner_residual": residuals[-1] if residuals else None,
-                   "settings": cfg.to_dict()}
+                   "per_episode": [float(v) for v in result.per_episode], "settings": cfg.to_dict()}
         rows.append(row)
         write_comparison(output_dir, config, rows)
     return rows
