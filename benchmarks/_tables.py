@@ -39,7 +39,7 @@ def markdown_to_rst(markdown: str) -> str:
                 continue  # the header separator
             rows.append([EMPTY if c in ("-", "--", "") else c for c in cells])
         elif stripped:
-            text.append(stripped)
+            text.append(stripped.lstrip("#").strip())  # a markdown heading becomes caption text
     out = [" ".join(text), "", ".. list-table::", "   :header-rows: 1", ""] if text else [
         ".. list-table::", "   :header-rows: 1", ""]
     for row in rows:

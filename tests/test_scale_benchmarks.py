@@ -68,3 +68,35 @@ def test_meta_learning_splits_table_from_compare_outputs(tmp_path: Path) -> None
     for suffix in ("json", "rst", "png"):
         assert (tmp_path / "out" / f"meta_learning_splits.{suffix}").stat().st_size > 0
     assert (tmp_path / "out" / "meta_learning_splits_5way.rst").exists()
+
+
+def test_sinusoid_tuning_joins_tune_outputs_that_agree(tmp_path: Path) -> None:
+    import json
+
+    from applications.meta_learning.trainer import TrainConfig
+    from benchmarks import sinusoid_tuning
+
+    config = TrainConfig(task="sinusoid", iterations=200, meta_batch=10).resolved().to_dict()
+
+    def tuned(name: str, method: str, **changes) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        runs = [{"point": {"lam": lam}, "validation": v, "metric": "mse", "train_seconds": 10.0}
+                for lam, v in ((1.0, 0.9), (2.0, 0.7))]
+        row = {"method": method, "runs": runs, "chosen": {"lam": 2.0}, "validation": 0.7, "metric": "mse",
+               "mean": 0.75, "ci95": 0.05, "train_seconds": 10.0, "tuning_seconds": 20.0, "n_episodes": 600}
+        (folder / "tuning.json").write_text(json.dumps(
+            {"config": {**config, **changes}, "validation_episodes": 200, "results": [row]}))
+        return folder
+
+    a, b = tuned("a", "imaml-gd"), tuned("b", "imaml-hf")
+    result = sinusoid_tuning.main([str(a), str(b), "--out", str(tmp_path / "out")])
+    assert [r["method"] for r in result["results"]] == ["imaml-gd", "imaml-hf"]
+    md = (tmp_path / "out" / "sinusoid_tuning.md").read_text()
+    assert "| imaml-hf | lam=1.0: 0.900, lam=2.0: 0.700 | lam=2.0 | 0.750 +- 0.050 | 10 s | 20 s |" in md
+    rst = (tmp_path / "out" / "sinusoid_tuning.rst").read_text()
+    assert rst.startswith("sinusoid: every method tuned on the same grid budget")
+    with pytest.raises(ValueError, match=r"tuned with other \['iterations'\]"):
+        sinusoid_tuning.join([a, tuned("c", "maml", iterations=300)])
+    with pytest.raises(ValueError, match="tuned twice"):
+        sinusoid_tuning.join([a, tuned("d", "imaml-gd")])
