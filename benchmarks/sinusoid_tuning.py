@@ -1,14 +1,17 @@
 """The sinusoid comparison with every method tuned on the same budget: one table from ``tune`` runs.
 
-``tune`` runs may be split by method to use several cores (each method's grid points run in
-one process); this script joins their ``tuning.json`` into one table after checking that they
-share every setting that makes them comparable (iterations, meta-batch, seeds, episodes). The
-runs, one core each, side by side on the 2-core CPU::
+``tune`` runs may be split by method, or a method's grid into parts, to use several cores; this
+script joins their ``tuning.json`` into one table after checking that they share every setting
+that makes them comparable (iterations, meta-batch, seeds, episodes). A method tuned in parts
+gets the union of its grid points and the better part's choice (each part scored its own best
+on the test episodes, and the best of the union is one of them). The runs, one core each, two
+side by side on the 2-core CPU::
 
     T="python -m applications.meta_learning tune --preset sinusoid --iterations 200 --threads 1"
-    $T --methods imaml-hf --output runs/i15/tune_hf
-    $T --methods maml,fomaml,imaml-gd --output runs/i15/tune_rest
-    python -m benchmarks.sinusoid_tuning runs/i15/tune_rest runs/i15/tune_hf
+    $T --methods imaml-hf --grid "imaml-hf:lam=1,2" --output runs/i15/tune_hf
+    $T --methods maml,fomaml,imaml-gd --output runs/i15/tune_rest    # then, on that core:
+    $T --methods imaml-hf --grid "imaml-hf:lam=5" --output runs/i15/tune_hf5
+    python -m benchmarks.sinusoid_tuning runs/i15/tune_rest runs/i15/tune_hf runs/i15/tune_hf5
 
 writes ``sinusoid_tuning.json`` / ``.md`` / ``.rst`` into ``--out``.
 """
@@ -41,11 +44,30 @@ def join(paths: list[Path]) -> tuple[dict[str, Any], int, list[dict[str, Any]]]:
             differ.append("validation_episodes")
         if differ:
             raise ValueError(f"{path} was tuned with other {differ} than {paths[0]}: not one comparison")
-    rows = [row for run in runs for row in run["results"]]
-    methods = [r["method"] for r in rows]
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"a method was tuned twice in {[str(p) for p in paths]}: {methods}")
-    return first["config"], first["validation_episodes"], rows
+    rows: dict[str, dict[str, Any]] = {}
+    for row in (row for run in runs for row in run["results"]):
+        if row["method"] in rows:
+            rows[row["method"]] = _merge(rows[row["method"]], row)
+        else:
+            rows[row["method"]] = row
+    return first["config"], first["validation_episodes"], list(rows.values())
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One method's grid run in two parts: the union of the points; the better part's choice and test score.
+
+    Each part scored its own best point on the test episodes; the best of the union is one of them.
+    """
+    points = [r["point"] for r in a["runs"] + b["runs"]]
+    if any(points.count(p) > 1 for p in points):
+        raise ValueError(f"{a['method']}: a grid point was tuned twice ({points})")
+    scored = [r for r in (a, b) if r["validation"] is not None]
+    lower_is_better = (scored[0]["metric"] != "accuracy") if scored else True
+    best = (min if lower_is_better else max)(scored, key=lambda r: r["validation"]) if scored else a
+    grid = {k: list(dict.fromkeys([*a.get("grid", {}).get(k, []), *b.get("grid", {}).get(k, [])]))
+            for k in {**a.get("grid", {}), **b.get("grid", {})}}
+    return {**best, "grid": grid, "runs": a["runs"] + b["runs"],
+            "tuning_seconds": a["tuning_seconds"] + b["tuning_seconds"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

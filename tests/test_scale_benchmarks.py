@@ -98,5 +98,17 @@ def test_sinusoid_tuning_joins_tune_outputs_that_agree(tmp_path: Path) -> None:
     assert rst.startswith("sinusoid: every method tuned on the same grid budget")
     with pytest.raises(ValueError, match=r"tuned with other \['iterations'\]"):
         sinusoid_tuning.join([a, tuned("c", "maml", iterations=300)])
-    with pytest.raises(ValueError, match="tuned twice"):
+    with pytest.raises(ValueError, match="a grid point was tuned twice"):
         sinusoid_tuning.join([a, tuned("d", "imaml-gd")])
+    # one method's grid in two parts: the union of points, the better part's choice and test score
+    part = tmp_path / "e"
+    part.mkdir()
+    data = json.loads((a / "tuning.json").read_text())
+    data["results"][0].update(runs=[{"point": {"lam": 5.0}, "validation": 0.6, "metric": "mse",
+                                     "train_seconds": 12.0}], chosen={"lam": 5.0}, validation=0.6, mean=0.65,
+                              grid={"lam": [5.0]}, tuning_seconds=12.0)
+    (part / "tuning.json").write_text(json.dumps(data))
+    _, _, rows = sinusoid_tuning.join([a, b, part])
+    gd = rows[0]
+    assert gd["method"] == "imaml-gd" and gd["chosen"] == {"lam": 5.0} and gd["mean"] == 0.65
+    assert [r["point"]["lam"] for r in gd["runs"]] == [1.0, 2.0, 5.0] and gd["tuning_seconds"] == 32.0
