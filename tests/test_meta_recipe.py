@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -389,3 +390,28 @@ def test_compare_trains_the_shared_supervised_start_once(tmp_path, monkeypatch):
     assert rows[0]["train_seconds"] >= base_seconds and rows[2]["train_seconds"] >= base_seconds
     for row in rows:  # per-episode accuracies of the same episodes, baseline row included
         assert len(row["per_episode"]) == 4 and sum(row["per_episode"]) / 4 == pytest.approx(row["mean"])
+
+
+def test_the_recipe_solves_the_inner_problem_and_maml_keeps_its_fixed_budget():
+    from applications.meta_learning.cli import build_parser, config_from_args, maml_inner_loop
+    from applications.meta_learning.presets import MAML_OMNIGLOT, OMNIGLOT_RECIPE, apply_preset
+
+    # iMAML's implicit gradient assumes a solved inner problem: the recipe stops at a tolerance
+    assert OMNIGLOT_RECIPE["inner_tol"] == 0.1 and OMNIGLOT_RECIPE["inner_steps"] >= 20
+    assert apply_preset("quick")["inner_tol"] == 0.1  # the README's main job is the recipe
+    recipe = config_from_args(build_parser().parse_args(["compare", "--ways", "20"]))
+    maml = dataclasses.replace(recipe, algorithm="maml", **maml_inner_loop(recipe)).resolved()
+    assert (maml.inner_steps, maml.inner_lr, maml.inner_tol) == (MAML_OMNIGLOT["inner_steps"],
+                                                                MAML_OMNIGLOT["inner_lr"], None)
+    # a fixed-step run keeps its own loop for MAML; explicit --maml-inner-* flags win
+    paper = config_from_args(build_parser().parse_args(["compare", "--preset", "paper-5way-1shot"]))
+    assert maml_inner_loop(paper) == {}
+    assert maml_inner_loop(recipe, inner_lr=0.1, inner_steps=3) == {"inner_lr": 0.1, "inner_steps": 3,
+                                                                    "inner_tol": None}
+    hf = dataclasses.replace(recipe, inner_solver="hf")
+    assert maml_inner_loop(hf)["inner_solver"] == "gd"
+    # the recipe as it was (a fixed budget): --inner-tol off; MAML then keeps the run's loop
+    before = config_from_args(build_parser().parse_args(
+        ["compare", "--inner-steps", "5", "--inner-lr", "0.5", "--inner-tol", "off"]))
+    assert (before.inner_steps, before.inner_lr, before.inner_tol, before.head) == (5, 0.5, None, "prototype")
+    assert maml_inner_loop(before) == {}

@@ -53,17 +53,19 @@ def test_meta_learning_splits_table_from_compare_outputs(tmp_path: Path) -> None
         json.dumps({"per_episode": [1.0, 1.0, 0.9, 1.0]}))
     result = meta_learning_splits.main(["--runs", str(tmp_path / "runs"), "--ways", "5", "20",
                                         "--out", str(tmp_path / "out")])
-    by = {(r["row"].split(" (")[0], r["seed"], "solved" in r["row"]): r for r in result["records"]}
+    by = {(r["row"].split(",")[0].split(" (")[0], r["seed"], "solved" in r["row"]): r for r in result["records"]}
     assert by[("iMAML", 0, False)]["unsolved_fraction"] == 4 / 32  # 4 of 4 x 8 inner problems
     assert by[("iMAML", 0, True)]["unsolved_fraction"] == 1 / 32 and by[("iMAML", 1, False)]["accuracy"] == 0.98
     assert by[("supervised baseline", 0, False)]["unsolved_fraction"] is None
-    assert by[("iMAML", 0, True)]["paired_difference"] == pytest.approx(0.005)
-    assert by[("first-order MAML", 1, False)]["paired_difference"] == pytest.approx(0.975 - 0.98)
-    assert by[("iMAML", 1, False)]["paired_difference"] is None  # the reference itself
+    # paired differences to the recipe (the solved iMAML) of the same split
+    assert by[("iMAML", 0, False)]["paired_difference"] == pytest.approx(-0.005)
+    assert by[("first-order MAML", 0, False)]["paired_difference"] == pytest.approx(0.96 - 0.975)
+    assert by[("iMAML", 0, True)]["paired_difference"] is None  # the reference itself
+    assert by[("first-order MAML", 1, False)]["paired_difference"] is None  # split 1 has no reference
     md = (tmp_path / "out" / "meta_learning_splits.md").read_text()
-    assert ("| iMAML (recipe: 5 GD steps of 0.5) | 97.00% +- 0.40% | - | 100 s | 12% | 98.00% +- 0.40% | - | 100 s "
-            "| 50% |") in md
-    assert "| first-order MAML (recipe's 5 steps) | 96.00% +- 0.40% | -1.00 +- 0.00 | 100 s | - | 97.00%" in md
+    assert ("| iMAML, 5 GD steps of 0.5 (the recipe before) | 97.00% +- 0.40% | -0.50 +- 0.00 | 100 s | 12% | "
+            "98.00% +- 0.40% | - | 100 s | 50% |") in md
+    assert "| first-order MAML, 5 GD steps of 0.5 | 96.00% +- 0.40% | -1.50 +- 0.00 | 100 s | - | 97.00%" in md
     assert "20-way" not in md  # no 20-way runs: no table
     for suffix in ("json", "rst", "png"):
         assert (tmp_path / "out" / f"meta_learning_splits.{suffix}").stat().st_size > 0

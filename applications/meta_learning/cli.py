@@ -51,7 +51,7 @@ from .evaluation import MIN_PAPER_EPISODES, evaluate
 from .inner_accuracy import add_inner_accuracy_parser, cmd_inner_accuracy
 from .lake import LakeRun, evaluate_lake_runs, format_lake_results, load_lake_runs
 from .learner import MetaLearner
-from .presets import MAML_SINUSOID, OMNIGLOT_RECIPE, PRESETS, apply_preset
+from .presets import MAML_OMNIGLOT, MAML_SINUSOID, OMNIGLOT_RECIPE, PRESETS, apply_preset
 from .trainer import (
     CHECKPOINT_NAME,
     TASK_HEADS,
@@ -62,7 +62,7 @@ from .trainer import (
 )
 from .tuning import METHOD_SETTINGS, SINUSOID_GRIDS, format_tuning_table, parse_grid, tune
 
-__all__ = ["main", "build_parser", "config_from_args"]
+__all__ = ["main", "build_parser", "config_from_args", "maml_inner_loop"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -91,7 +91,9 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lam", type=float, help="iMAML proximal strength (paper: 2.0)")
     g.add_argument("--inner-steps", type=int, help="inner GD / Newton steps (paper: 16 for 5-way, 25 for 20-way)")
     g.add_argument("--inner-lr", type=float, help="inner GD step size (paper: 0.1)")
-    g.add_argument("--inner-tol", type=float, help="stop the inner solver at this relative gradient norm")
+    g.add_argument("--inner-tol", type=_tolerance_or_off,
+                   help="stop the inner solver at this relative gradient norm ('off': run every step; the "
+                        "Omniglot recipe's is 0.1)")
     g.add_argument("--hf-cg-steps", type=int, help="CG steps per Newton step of the hf inner solver")
     g.add_argument("--cg-steps", type=int, help="Krylov steps for the iMAML meta-gradient (paper: 5)")
     g.add_argument("--meta-solver", choices=("cg", "minres"),
@@ -162,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(cmp_, output_default="runs/compare")
     cmp_.add_argument("--methods", default="imaml,maml,fomaml,baseline", help=f"comma-separated subset of {METHODS}")
     cmp_.add_argument("--maml-inner-lr", type=float,
-                      help="inner step size for maml/fomaml (default: sinusoid 0.01, MAML's; Omniglot --inner-lr)")
+                      help="inner step size for maml/fomaml (default: sinusoid 0.01, MAML's; Omniglot 0.5 when "
+                           "the run's inner loop has a tolerance (the recipe's), else --inner-lr)")
     cmp_.add_argument("--maml-inner-steps", type=int,
-                      help="inner steps for maml/fomaml (default: sinusoid 5; Omniglot --inner-steps)")
+                      help="inner steps for maml/fomaml (default: sinusoid 5; Omniglot 5 when the run's inner "
+                           "loop has a tolerance, else --inner-steps)")
     cmp_.add_argument("--baseline-epochs", type=int, default=None, help="pre-training epochs of the baseline")
 
     tune_ = sub.add_parser("tune", help="tune every method on the same grid budget (validation tasks), then test "
@@ -191,8 +195,9 @@ def _explicit_flags(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, arg, None)
         if value is not None:
             values[key] = value
-    if values.get("check_optimality") == "off":
-        values["check_optimality"] = None
+    for key in ("check_optimality", "inner_tol"):
+        if values.get(key) == "off":
+            values[key] = None
     return values
 
 
@@ -411,22 +416,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def maml_inner_loop(config: TrainConfig, inner_lr: float | None = None,
+                    inner_steps: int | None = None) -> dict[str, Any]:
+    """The changes of ``config`` that give (first-order) MAML its own inner loop in ``compare``.
+
+    MAML differentiates through a fixed number of GD steps: sinusoid takes MAML's own loop
+    (:data:`~.presets.MAML_SINUSOID`, iMAML's would diverge), Omniglot a run whose inner loop
+    solves to a tolerance (the recipe's) takes :data:`~.presets.MAML_OMNIGLOT`, any other keeps
+    the run's steps; ``inner_lr`` / ``inner_steps`` (``--maml-inner-*``) win.
+
+    Examples
+    --------
+    >>> maml_inner_loop(TrainConfig(task="omniglot", inner_steps=20, inner_lr=0.25, inner_tol=0.1))
+    {'inner_lr': 0.5, 'inner_steps': 5, 'inner_tol': None}
+    >>> maml_inner_loop(TrainConfig(task="omniglot", inner_steps=16), inner_lr=0.2)
+    {'inner_lr': 0.2}
+    """
+    if config.task == "sinusoid":
+        changes: dict[str, Any] = dict(MAML_SINUSOID)
+    else:
+        changes = dict(MAML_OMNIGLOT) if config.inner_tol is not None else {}
+    if inner_lr is not None:
+        changes["inner_lr"] = inner_lr
+    if inner_steps is not None:
+        changes["inner_steps"] = inner_steps
+    if config.inner_tol is not None:
+        changes["inner_tol"] = None  # (first-order) MAML take a fixed number of steps
+    if config.inner_solver != "gd":
+        changes["inner_solver"] = "gd"
+    return changes
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     config = _omniglot_or_fallback(config_from_args(args), args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    overrides: dict[str, dict[str, Any]] = {}
-    for method in ("maml", "fomaml"):
-        # MAML's own inner loop unless given: iMAML's (e.g. 20 steps of 0.1) makes MAML diverge on sinusoid
-        o: dict[str, Any] = dict(MAML_SINUSOID) if config.task == "sinusoid" else {}
-        if args.maml_inner_lr is not None:
-            o["inner_lr"] = args.maml_inner_lr
-        if args.maml_inner_steps is not None:
-            o["inner_steps"] = args.maml_inner_steps
-        if config.inner_tol is not None:
-            o["inner_tol"] = None  # (first-order) MAML take a fixed number of steps
-        if config.inner_solver != "gd":
-            o["inner_solver"] = "gd"
-        overrides[method] = o
+    overrides = {method: maml_inner_loop(config, args.maml_inner_lr, args.maml_inner_steps)
+                 for method in ("maml", "fomaml")}
     baseline_config = None
     if "baseline" in methods:
         kw: dict[str, Any] = {"seed": config.seed, "hidden": config.hidden}

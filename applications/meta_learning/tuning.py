@@ -11,7 +11,8 @@ that one scored on the test episodes of :func:`~applications.meta_learning.compa
 A *method* here is a label: ``maml``, ``fomaml``, ``imaml-gd`` (iMAML, gradient-descent inner
 solver) or ``imaml-hf`` (iMAML, Newton-CG inner solver). :data:`SINUSOID_GRIDS` is the default
 grid on the sinusoid task: three values of each method's most sensitive setting (the inner step
-size for the MAML variants, λ for iMAML), the rest at the method's standard values.
+size for the GD inner loops, λ for Newton-CG, which has no step size), the rest at the method's
+standard values.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ __all__ = ["METHOD_SETTINGS", "SINUSOID_GRIDS", "format_tuning_table", "method_s
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "maml": {"algorithm": "maml", "inner_solver": "gd", "inner_tol": None, **MAML_SINUSOID},
     "fomaml": {"algorithm": "fomaml", "inner_solver": "gd", "inner_tol": None, **MAML_SINUSOID},
-    # iMAML-GD: the library's default inner loop for sinusoid (10 GD steps of 0.1), no early stop
-    "imaml-gd": {"algorithm": "imaml", "inner_solver": "gd", "inner_steps": 10, "inner_lr": 0.1, "inner_tol": None},
+    # iMAML-GD: the default 10 GD steps for sinusoid and the paper's lam = 2, no early stop; the
+    # step size is its grid's (0.1, the Omniglot default, diverges on sinusoid for every lam)
+    "imaml-gd": {"algorithm": "imaml", "inner_solver": "gd", "inner_steps": 10, "lam": 2.0, "inner_tol": None},
     # iMAML-HF: Newton-CG to 1e-3 (the sinusoid preset's inner solver)
     "imaml-hf": {"algorithm": "imaml", "inner_solver": "hf", "inner_steps": 20, "hf_cg_steps": 5,
                  "inner_tol": 1e-3},
@@ -52,7 +54,7 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 SINUSOID_GRIDS: dict[str, dict[str, list[Any]]] = {
     "maml": {"inner_lr": [0.01, 0.03, 0.1]},
     "fomaml": {"inner_lr": [0.01, 0.03, 0.1]},
-    "imaml-gd": {"lam": [1.0, 2.0, 5.0]},
+    "imaml-gd": {"inner_lr": [0.01, 0.03, 0.1]},
     "imaml-hf": {"lam": [1.0, 2.0, 5.0]},
 }
 
