@@ -38,8 +38,11 @@ def markdown_to_rst(markdown: str) -> str:
             if all(set(c) <= set("-: ") for c in cells):
                 continue  # the header separator
             rows.append([EMPTY if c in ("-", "--", "") else c for c in cells])
+        elif stripped.startswith("#"):  # a markdown heading becomes the caption's first sentence
+            heading = stripped.lstrip("#").strip()
+            text.append(heading if heading.endswith((".", ":", "?", "!")) else heading + ".")
         elif stripped:
-            text.append(stripped.lstrip("#").strip())  # a markdown heading becomes caption text
+            text.append(stripped)
     out = [" ".join(text), "", ".. list-table::", "   :header-rows: 1", ""] if text else [
         ".. list-table::", "   :header-rows: 1", ""]
     for row in rows:

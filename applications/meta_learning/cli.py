@@ -421,9 +421,10 @@ def maml_inner_loop(config: TrainConfig, inner_lr: float | None = None,
     """The changes of ``config`` that give (first-order) MAML its own inner loop in ``compare``.
 
     MAML differentiates through a fixed number of GD steps: sinusoid takes MAML's own loop
-    (:data:`~.presets.MAML_SINUSOID`, iMAML's would diverge), Omniglot a run whose inner loop
-    solves to a tolerance (the recipe's) takes :data:`~.presets.MAML_OMNIGLOT`, any other keeps
-    the run's steps; ``inner_lr`` / ``inner_steps`` (``--maml-inner-*``) win.
+    (``presets.MAML_SINUSOID``: 5 steps of 0.01; iMAML's would diverge), an Omniglot run whose
+    inner loop solves to a tolerance (the recipe's) takes
+    :data:`~applications.meta_learning.presets.MAML_OMNIGLOT`, any other keeps the run's steps;
+    ``inner_lr`` / ``inner_steps`` (``--maml-inner-*``) win.
 
     Examples
     --------

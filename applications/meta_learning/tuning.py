@@ -4,7 +4,7 @@ A comparison is only as fair as the tuning behind it. :func:`tune` gives every m
 budget: a grid of settings (the same number of training runs per method), every run trained for
 the same number of meta-iterations, every run scored on the same *validation* episodes (seed
 ``seed + 2000``, never the test episodes), the best one by the validation metric kept, and only
-that one scored on the test episodes of :func:`~applications.meta_learning.comparison.compare`
+that one scored on the test episodes of ``compare``
 (seed ``seed + 1000``). A run whose meta-loss becomes non-finite counts as a failed grid point
 (worst validation score) and the tuning goes on.
 
