@@ -345,7 +345,7 @@ def test_cli_compare_sinusoid_gives_maml_its_own_inner_loop(tmp_path, capsys):
         assert len(history) == 3 and all(math.isfinite(h["meta_loss"]) for h in history)
     settings = {r["method"]: r["settings"] for r in results}
     assert (settings["maml"]["inner_lr"], settings["maml"]["inner_steps"]) == (0.01, 5)
-    assert (settings["imaml-hf"]["inner_lr"], settings["imaml-hf"]["inner_steps"]) == (0.1, 20)
+    assert (settings["imaml-hf"]["inner_lr"], settings["imaml-hf"]["inner_steps"]) == (0.03, 20)
 
 
 def test_cli_compare_names_the_diverging_method_and_iteration(tmp_path, capsys):
@@ -357,3 +357,21 @@ def test_cli_compare_names_the_diverging_method_and_iteration(tmp_path, capsys):
     assert captured.err.startswith("error: maml: non-finite meta-loss") and "at iteration 1" in captured.err
     assert "inner step is too large" in captured.err and "--maml-inner-lr" in captured.err
     assert "Traceback" not in captured.err
+
+
+# --------------------------------------------------------------------------------------
+# plain sinusoid commands work with the defaults (the default inner step once diverged)
+# --------------------------------------------------------------------------------------
+def test_plain_sinusoid_commands_train_with_the_default_inner_step(tmp_path, capsys):
+    # with the paper's Omniglot step (0.1) iMAML-GD's inner GD diverged at meta-iteration 3
+    code = main(["train", "--task", "sinusoid", "--iterations", "8", "--eval-episodes", "10",
+                 "--output", str(tmp_path / "train"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "train" / "summary.json").read_text())
+    assert summary["config"]["inner_lr"] == 0.03 and math.isfinite(summary["test"]["mean"])
+    # the same kind: every method of a plain compare on sinusoid, without any inner-loop flag
+    code = main(["compare", "--task", "sinusoid", "--methods", "imaml,maml,fomaml", "--iterations", "8",
+                 "--eval-episodes", "10", "--output", str(tmp_path / "cmp"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["results"]
+    assert all(math.isfinite(r["mean"]) for r in results) and len(results) == 3

@@ -49,6 +49,7 @@ from .models import OmniglotCNN, SinusoidMLP
 from .presets import (
     PAPER_OMNIGLOT,
     SINUSOID_DEFAULTS,
+    default_inner_lr,
     default_inner_steps,
     default_queries,
 )
@@ -77,8 +78,9 @@ class TrainConfig:
 
     ``None`` fields take task-dependent defaults in :meth:`resolved`: shots (1 for Omniglot,
     10 for sinusoid), queries (15 per class for 5-way, 5 for 20-way), inner steps (16 for 5-way,
-    25 for 20-way, the paper's), meta-batch (32, the paper's; 25 for sinusoid as MAML's), hidden
-    width (64 filters; 40 units).
+    25 for 20-way, the paper's), inner step size (0.1, the paper's; 0.03 for sinusoid, where 0.1
+    diverges), meta-batch (32, the paper's; 25 for sinusoid as MAML's), hidden width (64
+    filters; 40 units).
 
     Omniglot only: ``head="prototype"`` starts every task from a cosine head set to its support
     prototypes (:attr:`AlgorithmConfig.prototype_head`); ``pretrain_epochs > 0`` initialises the
@@ -92,8 +94,10 @@ class TrainConfig:
     Examples
     --------
     >>> cfg = TrainConfig(task="omniglot", ways=20, shots=1).resolved()
-    >>> cfg.inner_steps, cfg.queries, cfg.lam, cfg.cg_steps, cfg.meta_batch
-    (25, 5, 2.0, 5, 32)
+    >>> cfg.inner_steps, cfg.queries, cfg.lam, cfg.cg_steps, cfg.meta_batch, cfg.inner_lr
+    (25, 5, 2.0, 5, 32, 0.1)
+    >>> TrainConfig(task="sinusoid").resolved().inner_lr
+    0.03
     """
 
     task: str = "omniglot"
@@ -104,7 +108,7 @@ class TrainConfig:
     inner_solver: str = "gd"
     lam: float = 2.0
     inner_steps: int | None = None
-    inner_lr: float = 0.1
+    inner_lr: float | None = None
     inner_tol: float | None = None
     hf_cg_steps: int = 5
     cg_steps: int = 5
@@ -146,6 +150,8 @@ class TrainConfig:
             cfg.queries = default_queries(cfg.task, cfg.ways, cfg.shots)
         if cfg.inner_steps is None:
             cfg.inner_steps = default_inner_steps(cfg.task, cfg.ways)
+        if cfg.inner_lr is None:
+            cfg.inner_lr = default_inner_lr(cfg.task)
         for name in ("ways", "shots", "queries", "inner_steps", "meta_batch", "iterations", "checkpoint_every",
                      "eval_episodes", "hf_cg_steps", "cg_steps", "hidden"):
             value = getattr(cfg, name)
@@ -176,7 +182,8 @@ class TrainConfig:
     def algorithm_config(self) -> AlgorithmConfig:
         """The :class:`AlgorithmConfig` this run trains with."""
         steps = self.inner_steps if self.inner_steps is not None else default_inner_steps(self.task, self.ways)
-        inner = build_inner_solver(self.inner_solver, lr=self.inner_lr, steps=steps, tol=self.inner_tol,
+        lr = self.inner_lr if self.inner_lr is not None else default_inner_lr(self.task)
+        inner = build_inner_solver(self.inner_solver, lr=lr, steps=steps, tol=self.inner_tol,
                                    cg_steps=self.hf_cg_steps)
         return AlgorithmConfig(self.algorithm, lam=self.lam, inner=inner, cg_steps=self.cg_steps,
                                check_optimality=self.check_optimality, meta_solver=self.meta_solver,
