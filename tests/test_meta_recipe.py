@@ -393,7 +393,8 @@ def test_compare_trains_the_shared_supervised_start_once(tmp_path, monkeypatch):
 
 
 def test_the_recipe_solves_the_inner_problem_and_maml_keeps_its_fixed_budget():
-    from applications.meta_learning.cli import build_parser, config_from_args, maml_inner_loop
+    from applications.meta_learning.cli import build_parser, config_from_args
+    from applications.meta_learning.comparison import maml_inner_loop
     from applications.meta_learning.presets import MAML_OMNIGLOT, OMNIGLOT_RECIPE, apply_preset
 
     # iMAML's implicit gradient assumes a solved inner problem: the recipe stops at a tolerance

@@ -94,10 +94,17 @@ def test_tune_rejects_unknown_methods_and_empty_grids(tmp_path):
         tune(_config(), {"maml": {"inner_lr": [0.01]}}, tmp_path, validation_episodes=0)
 
 
-def test_method_settings_keep_the_shared_inner_loop_on_omniglot():
-    assert method_settings("imaml-hf", "sinusoid")["inner_tol"] == 1e-3
-    assert method_settings("imaml-gd", "omniglot") == {"algorithm": "imaml", "inner_solver": "gd"}
-    assert method_settings("fomaml", "omniglot") == {"algorithm": "fomaml", "inner_solver": "gd", "inner_tol": None}
+def test_method_settings_give_maml_compares_inner_loop_and_keep_imamls_on_omniglot():
+    sinusoid = TrainConfig(task="sinusoid", inner_solver="hf", inner_tol=1e-3)
+    assert method_settings("imaml-hf", sinusoid)["inner_tol"] == 1e-3
+    assert method_settings("maml", sinusoid) == {"algorithm": "maml", "inner_lr": 0.01, "inner_steps": 5,
+                                                 "inner_tol": None, "inner_solver": "gd"}
+    recipe = TrainConfig(task="omniglot", inner_steps=20, inner_lr=0.25, inner_tol=0.1)
+    assert method_settings("imaml-gd", recipe) == {"algorithm": "imaml", "inner_solver": "gd"}
+    # the recipe solves to a tolerance: MAML takes its fixed 5 steps of 0.5, as in compare
+    assert method_settings("fomaml", recipe) == {"algorithm": "fomaml", "inner_lr": 0.5, "inner_steps": 5,
+                                                 "inner_tol": None}
+    assert method_settings("maml", TrainConfig(task="omniglot", inner_steps=16)) == {"algorithm": "maml"}
 
 
 def test_cli_tune_prints_and_writes_the_table(tmp_path, capsys):

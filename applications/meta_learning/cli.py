@@ -40,7 +40,7 @@ from . import distributed as mdist
 from .algorithms import ALGORITHMS
 from .baseline import BaselineConfig, evaluate_baseline, train_baseline
 from .checkpoint import CheckpointError, save_checkpoint
-from .comparison import METHODS, compare, describe_settings, evaluation_seed, format_table
+from .comparison import METHODS, compare, describe_settings, evaluation_seed, format_table, maml_inner_loop
 from .data import (
     OMNIGLOT_ENV_VAR,
     OMNIGLOT_SOURCE_URL,
@@ -51,7 +51,7 @@ from .evaluation import MIN_PAPER_EPISODES, evaluate
 from .inner_accuracy import add_inner_accuracy_parser, cmd_inner_accuracy
 from .lake import LakeRun, evaluate_lake_runs, format_lake_results, load_lake_runs
 from .learner import MetaLearner
-from .presets import MAML_OMNIGLOT, MAML_SINUSOID, OMNIGLOT_RECIPE, PRESETS, apply_preset
+from .presets import OMNIGLOT_RECIPE, PRESETS, apply_preset
 from .trainer import (
     CHECKPOINT_NAME,
     TASK_HEADS,
@@ -62,7 +62,7 @@ from .trainer import (
 )
 from .tuning import METHOD_SETTINGS, SINUSOID_GRIDS, format_tuning_table, parse_grid, tune
 
-__all__ = ["main", "build_parser", "config_from_args", "maml_inner_loop"]
+__all__ = ["main", "build_parser", "config_from_args"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -416,38 +416,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def maml_inner_loop(config: TrainConfig, inner_lr: float | None = None,
-                    inner_steps: int | None = None) -> dict[str, Any]:
-    """The changes of ``config`` that give (first-order) MAML its own inner loop in ``compare``.
-
-    MAML differentiates through a fixed number of GD steps: sinusoid takes MAML's own loop
-    (``presets.MAML_SINUSOID``: 5 steps of 0.01; iMAML's would diverge), an Omniglot run whose
-    inner loop solves to a tolerance (the recipe's) takes
-    :data:`~applications.meta_learning.presets.MAML_OMNIGLOT`, any other keeps the run's steps;
-    ``inner_lr`` / ``inner_steps`` (``--maml-inner-*``) win.
-
-    Examples
-    --------
-    >>> maml_inner_loop(TrainConfig(task="omniglot", inner_steps=20, inner_lr=0.25, inner_tol=0.1))
-    {'inner_lr': 0.5, 'inner_steps': 5, 'inner_tol': None}
-    >>> maml_inner_loop(TrainConfig(task="omniglot", inner_steps=16), inner_lr=0.2)
-    {'inner_lr': 0.2}
-    """
-    if config.task == "sinusoid":
-        changes: dict[str, Any] = dict(MAML_SINUSOID)
-    else:
-        changes = dict(MAML_OMNIGLOT) if config.inner_tol is not None else {}
-    if inner_lr is not None:
-        changes["inner_lr"] = inner_lr
-    if inner_steps is not None:
-        changes["inner_steps"] = inner_steps
-    if config.inner_tol is not None:
-        changes["inner_tol"] = None  # (first-order) MAML take a fixed number of steps
-    if config.inner_solver != "gd":
-        changes["inner_solver"] = "gd"
-    return changes
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     config = _omniglot_or_fallback(config_from_args(args), args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -490,12 +458,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise UsageError(f"no default grid for {method} on {config.task}: pass --grid {method}:KEY=V1,V2")
         else:
             raise UsageError(f"unknown method {method!r}; choose from {sorted(METHOD_SETTINGS)}")
-    try:
-        rows = tune(config, grids, args.output, validation_episodes=args.validation_episodes, device=args.device,
-                    progress=not args.no_progress)
-    except NonFiniteMetaLossError as err:  # pragma: no cover - tune records failed grid points itself
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+    # a diverging grid point is recorded by tune, which goes on
+    rows = tune(config, grids, args.output, validation_episodes=args.validation_episodes, device=args.device,
+                progress=not args.no_progress)
     print(format_tuning_table(rows, config, args.validation_episodes))
     print(f"outputs in {args.output}/: tuning.md, tuning.json, one folder per run")
     return 0

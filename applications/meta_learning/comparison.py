@@ -20,9 +20,10 @@ import torch
 from .baseline import BaselineConfig, evaluate_baseline, train_baseline
 from .data import fixed_episodes
 from .evaluation import evaluate
+from .presets import MAML_OMNIGLOT, MAML_SINUSOID
 from .trainer import MetaTrainer, TrainConfig, build_task_splits, pretraining_config
 
-__all__ = ["METHODS", "compare", "describe_settings", "format_table", "evaluation_seed"]
+__all__ = ["METHODS", "compare", "describe_settings", "format_table", "evaluation_seed", "maml_inner_loop"]
 
 METHODS = ("imaml", "maml", "fomaml", "baseline")
 
@@ -30,6 +31,38 @@ METHODS = ("imaml", "maml", "fomaml", "baseline")
 def evaluation_seed(config: TrainConfig) -> int:
     """Seed of the held-out evaluation episodes (distinct from the training sampler's)."""
     return config.seed + 1000
+
+
+def maml_inner_loop(config: TrainConfig, inner_lr: float | None = None,
+                    inner_steps: int | None = None) -> dict[str, Any]:
+    """The changes of ``config`` that give (first-order) MAML its own inner loop in ``compare``.
+
+    MAML differentiates through a fixed number of GD steps: sinusoid takes MAML's own loop
+    (``presets.MAML_SINUSOID``: 5 steps of 0.01; iMAML's would diverge), an Omniglot run whose
+    inner loop solves to a tolerance (the recipe's) takes
+    :data:`~applications.meta_learning.presets.MAML_OMNIGLOT`, any other keeps the run's steps;
+    ``inner_lr`` / ``inner_steps`` (``--maml-inner-*``) win.
+
+    Examples
+    --------
+    >>> maml_inner_loop(TrainConfig(task="omniglot", inner_steps=20, inner_lr=0.25, inner_tol=0.1))
+    {'inner_lr': 0.5, 'inner_steps': 5, 'inner_tol': None}
+    >>> maml_inner_loop(TrainConfig(task="omniglot", inner_steps=16), inner_lr=0.2)
+    {'inner_lr': 0.2}
+    """
+    if config.task == "sinusoid":
+        changes: dict[str, Any] = dict(MAML_SINUSOID)
+    else:
+        changes = dict(MAML_OMNIGLOT) if config.inner_tol is not None else {}
+    if inner_lr is not None:
+        changes["inner_lr"] = inner_lr
+    if inner_steps is not None:
+        changes["inner_steps"] = inner_steps
+    if config.inner_tol is not None:
+        changes["inner_tol"] = None  # (first-order) MAML take a fixed number of steps
+    if config.inner_solver != "gd":
+        changes["inner_solver"] = "gd"
+    return changes
 
 
 def compare(

@@ -27,21 +27,22 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .comparison import evaluation_seed
+from .comparison import evaluation_seed, maml_inner_loop
 from .data import fixed_episodes
 from .evaluation import evaluate
-from .presets import MAML_SINUSOID
 from .trainer import MetaTrainer, NonFiniteMetaLossError, TrainConfig, build_task_splits
 
 __all__ = ["METHOD_SETTINGS", "SINUSOID_GRIDS", "format_tuning_table", "method_settings", "parse_grid", "tune",
            "validation_seed"]
 
 #: What each method label sets on top of the shared configuration on the sinusoid task (its
-#: standard inner loop). On Omniglot only the algorithm and inner solver are set (the shared
-#: configuration's inner loop is kept, as in ``compare``) and the MAML variants drop ``inner_tol``.
+#: standard inner loop). The MAML variants take ``compare``'s inner loop for MAML
+#: (:func:`~applications.meta_learning.comparison.maml_inner_loop`: on sinusoid 5 GD steps of
+#: 0.01); on Omniglot the iMAML variants set only the algorithm and inner solver (the shared
+#: configuration's inner loop is kept).
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "maml": {"algorithm": "maml", "inner_solver": "gd", "inner_tol": None, **MAML_SINUSOID},
-    "fomaml": {"algorithm": "fomaml", "inner_solver": "gd", "inner_tol": None, **MAML_SINUSOID},
+    "maml": {"algorithm": "maml"},
+    "fomaml": {"algorithm": "fomaml"},
     # iMAML-GD: the default 10 GD steps for sinusoid and the paper's lam = 2, no early stop; the
     # step size is its grid's (0.1, the Omniglot default, diverges on sinusoid for every lam)
     "imaml-gd": {"algorithm": "imaml", "inner_solver": "gd", "inner_steps": 10, "lam": 2.0, "inner_tol": None},
@@ -59,21 +60,24 @@ SINUSOID_GRIDS: dict[str, dict[str, list[Any]]] = {
 }
 
 
-def method_settings(method: str, task: str) -> dict[str, Any]:
-    """The settings ``method`` adds to the shared configuration on ``task`` (see :data:`METHOD_SETTINGS`).
+def method_settings(method: str, config: TrainConfig) -> dict[str, Any]:
+    """The settings ``method`` adds to the shared ``config`` (see :data:`METHOD_SETTINGS`).
 
     Examples
     --------
-    >>> method_settings("maml", "omniglot")
-    {'algorithm': 'maml', 'inner_solver': 'gd', 'inner_tol': None}
+    >>> method_settings("maml", TrainConfig(task="omniglot", inner_steps=20, inner_lr=0.25, inner_tol=0.1))
+    {'algorithm': 'maml', 'inner_lr': 0.5, 'inner_steps': 5, 'inner_tol': None}
+    >>> method_settings("imaml-hf", TrainConfig(task="omniglot"))
+    {'algorithm': 'imaml', 'inner_solver': 'hf'}
     """
     if method not in METHOD_SETTINGS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_SETTINGS)}")
     settings = dict(METHOD_SETTINGS[method])
-    if task == "sinusoid":
+    if settings["algorithm"] != "imaml":  # MAML's own fixed-step loop, as compare gives it
+        return {**settings, **maml_inner_loop(config)}
+    if config.task == "sinusoid":
         return settings
-    kept = ("algorithm", "inner_solver") + (("inner_tol",) if settings["algorithm"] != "imaml" else ())
-    return {k: settings[k] for k in kept}
+    return {k: settings[k] for k in ("algorithm", "inner_solver")}
 
 
 def validation_seed(config: TrainConfig) -> int:
@@ -191,7 +195,7 @@ def tune(
         runs: list[dict[str, Any]] = []
         best: tuple[dict[str, Any], MetaTrainer] | None = None
         for index, point in enumerate(points):
-            cfg = dataclasses.replace(config, **{**method_settings(method, config.task), **point}).resolved()
+            cfg = dataclasses.replace(config, **{**method_settings(method, config), **point}).resolved()
             trainer = MetaTrainer(cfg, splits["train"], device=device, output_dir=output_dir / method / f"run{index}")
             trainer.label = method
             start = time.perf_counter()
